@@ -1,0 +1,33 @@
+"""The one place that knows where ESPnet keeps its legacy ``nets`` package.
+
+espnet <= 202511 ships it as ``espnet.nets``; espnet 202611 (Python >= 3.12) moved it to
+``espnet2.legacy.nets``. Everything else in the plugin imports those names from here.
+"""
+
+import importlib
+from types import ModuleType
+
+_NETS_ROOTS = ("espnet2.legacy.nets", "espnet.nets")
+
+
+def nets_module(submodule: str) -> ModuleType:
+    """Import ``<nets root>.<submodule>`` from whichever root this espnet provides."""
+    for root in _NETS_ROOTS:
+        name = f"{root}.{submodule}"
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            # Only "this root does not exist" moves on; a missing dependency inside it is real.
+            if err.name is None or not name.startswith(err.name):
+                raise
+    raise ModuleNotFoundError(
+        f"ESPnet's nets package has no '{submodule}' under any of {', '.join(_NETS_ROOTS)}; "
+        "is espnet installed?"
+    )
+
+
+_nets_utils = nets_module("pytorch_backend.nets_utils")
+make_pad_mask = _nets_utils.make_pad_mask
+make_non_pad_mask = _nets_utils.make_non_pad_mask
+
+BatchScorerInterface = nets_module("scorer_interface").BatchScorerInterface

@@ -1,0 +1,29 @@
+"""ESPnet2 plugin: efficient end-to-end ASR encoders, attention variants and a recipe engine."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="espnet_plugin",
+    version="0.1.0",
+    description="ConMamba, H-Net dynamic chunking and KV-efficient attention for ESPnet2 ASR",
+    packages=find_packages(include=["espnet_plugin", "espnet_plugin.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # espnet 202511 is the newest for Python 3.11; it pins setuptools<74, which keeps
+        # torch at 2.12.x (torch 2.13 wants setuptools>=77); torchaudio 2.11 loads with it.
+        "espnet>=202511",
+        "torch>=2.1,<2.13; python_version<'3.12'",
+        "torch>=2.1; python_version>='3.12'",
+        "torchaudio",
+        "sentencepiece",
+        "jiwer>=3.0",
+        "kaldiio",
+        "matplotlib",
+        "soundfile",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        # The fused Mamba kernels only build against a CUDA torch.
+        "cuda": ["mamba-ssm", "causal-conv1d"],
+    },
+)
