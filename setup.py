@@ -20,6 +20,7 @@ setup(
         "kaldiio",
         "matplotlib",
         "soundfile",
+        "tensorboard",  # ESPnet's trainer logs to it by default
     ],
     extras_require={
         "test": ["pytest"],

@@ -1,0 +1,396 @@
+#!/usr/bin/env bash
+# Stage-based ASR recipe driver in the style of ESPnet's egs2/TEMPLATE/asr1/asr.sh.
+# It runs from a recipe directory (egs2/<corpus>/asr1) through a symlink and drives ESPnet's own
+# programs (through espnet_plugin.bin, so the plugin's classes are registered) from data to WER.
+#
+#   ./asr.sh --stage 3 --stop_stage 5 --asr_config conf/train.yaml ...
+#
+# Stages:
+#   1  data preparation (local/data.sh) into Kaldi-style dirs under data/
+#   2  formatting into dump/raw/: durations, min/max duration and empty-text filters, speed perturbation
+#   3  tokenization: sentencepiece model on the training text and ESPnet's token list
+#   4  statistics collection (ESPnet --collect_stats, nj jobs, aggregated): global MVN and shapes
+#   5  ASR training with ESPnet's trainer (CPU, GPU, multi-GPU, torchrun, slurm; resumes)
+#   6  LM statistics collection (only with --use_lm true)
+#   7  LM training (only with --use_lm true)
+#   8  decoding with ESPnet's beam search in --inference_nj parallel jobs, merged
+#   9  scoring: WER and CER with S/D/I counts, alignments and result.json per test set
+#   10 comparison report (table and plots) over every scored model under exp/
+set -euo pipefail
+
+log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (${0##*/}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"; }
+die() { log "ERROR: $*" >&2; exit 1; }
+
+readonly min_stage=1 max_stage=10
+
+# General options
+stage=1                  # first stage to run
+stop_stage=10            # last stage to run
+python=python3           # the Python that has espnet_plugin installed
+nj=4                     # parallel jobs for statistics collection
+inference_nj=2           # parallel jobs for decoding
+ngpu=0                   # GPUs per node (0: CPU)
+num_nodes=1              # nodes for multi-node training
+launcher=local           # local (ESPnet spawns --ngpu workers) | torchrun | slurm
+nproc_per_node=          # torchrun processes per node (default: ngpu, or 1 on CPU)
+node_rank=0              # torchrun: this node's rank
+master_addr=localhost    # torchrun: rank 0's address
+master_port=29500        # torchrun: rank 0's port
+dumpdir=dump
+expdir=exp
+skip_done=true           # skip work whose completion marker exists (false: redo it)
+
+# Data options
+local_data_opts=         # options passed to local/data.sh
+train_set=               # training set name under data/
+valid_set=               # validation set name under data/
+test_sets=               # test set names under data/ (space separated)
+fs=16k                   # sampling rate of the audio (16k, 8k, ...)
+min_wav_duration=0.1     # seconds; shorter utterances are dropped from training
+max_wav_duration=20      # seconds; longer utterances are dropped from training
+speed_perturb_factors=   # e.g. "0.9 1.0 1.1"; empty: no speed perturbation
+
+# Tokenization options
+lang=en
+token_type=bpe           # bpe | char
+nbpe=300                 # sentencepiece vocabulary size
+bpemode=unigram          # unigram | bpe
+bpe_char_cover=1.0
+
+# ASR options
+asr_config=              # training YAML
+asr_tag=                 # experiment name suffix (default: the config's name)
+asr_args=                # extra arguments for asr_train
+feats_normalize=global_mvn
+inference_config=        # decoding YAML
+inference_args=          # extra arguments for asr_inference
+inference_asr_model=valid.acc.ave.pth
+
+# LM options
+use_lm=false
+lm_config=
+lm_tag=
+lm_args=
+inference_lm=valid.loss.ave.pth
+
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; echo; echo "Options (default):"; \
+    grep -E '^[a-z_]+=.*#' "$0" | sed 's/^/  --/; s/=/ (/; s/ *#/) #/'; }
+
+# ---- option parsing: --name value or --name=value for every variable declared above ----
+declared_options=$(grep -oE '^[a-z_]+=' "$0" | tr -d '=')
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --help|-h) usage; exit 0 ;;
+        --*=*) name=${1%%=*}; value=${1#*=}; shift ;;
+        --*) [ $# -ge 2 ] || die "option $1 needs a value"; name=$1; value=$2; shift 2 ;;
+        *) die "unexpected argument '$1' (options are --name value; see --help)" ;;
+    esac
+    name=${name#--}; name=${name//-/_}
+    grep -qx "${name}" <<<"${declared_options}" || die "unknown option --${name} (see --help)"
+    printf -v "${name}" '%s' "${value}"
+done
+
+for n in stage stop_stage; do
+    [[ ${!n} =~ ^[0-9]+$ ]] && [ "${!n}" -ge ${min_stage} ] && [ "${!n}" -le ${max_stage} ] \
+        || die "unknown --${n} ${!n}: stages are ${min_stage}..${max_stage} (see --help)"
+done
+[ "${stage}" -le "${stop_stage}" ] || die "--stage ${stage} is after --stop_stage ${stop_stage}"
+case "${launcher}" in local|torchrun|slurm) ;; *) die "unknown --launcher ${launcher}: local, torchrun or slurm" ;; esac
+case "${token_type}" in bpe|char) ;; *) die "unknown --token_type ${token_type}: bpe or char" ;; esac
+case "${use_lm}" in true|false) ;; *) die "--use_lm must be true or false, got '${use_lm}'" ;; esac
+[ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
+    || die "--train_set, --valid_set and --test_sets are required"
+
+runs() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
+require() {  # require <path> <what makes it>
+    [ -e "$1" ] || die "missing $1: it is made by $2; run that first"
+}
+done_marker() { echo "$1/.done"; }
+is_done() { [ "${skip_done}" = true ] && [ -e "$(done_marker "$1")" ]; }
+mark_done() { date > "$(done_marker "$1")"; }
+
+mkdir -p "${expdir}/logs"
+run_log="${expdir}/logs/asr.sh.$(date '+%Y%m%dT%H%M%S').log"
+exec > >(tee -a "${run_log}") 2> >(tee -a "${run_log}" >&2)
+log "$0 $*"
+log "log file: ${run_log}"
+
+# ---- names derived from the options ----
+[ -n "${speed_perturb_factors}" ] && sp_suffix=_sp || sp_suffix=
+train_dump=${dumpdir}/raw/${train_set}${sp_suffix}
+valid_dump=${dumpdir}/raw/${valid_set}
+if [ "${token_type}" = bpe ]; then
+    token_dir=data/${lang}_token_list/bpe_${bpemode}${nbpe}
+    bpemodel=${token_dir}/bpe.model
+else
+    token_dir=data/${lang}_token_list/char
+    bpemodel=none
+fi
+token_list=${token_dir}/tokens.txt
+[ "${token_type}" = bpe ] && token_suffix=${token_type}${nbpe} || token_suffix=${token_type}
+asr_stats_dir=${expdir}/asr_stats_raw_${lang}_${token_suffix}${sp_suffix}
+if [ -z "${asr_tag}" ]; then
+    [ -n "${asr_config}" ] && asr_tag=$(basename "${asr_config}" .yaml) || asr_tag=default
+    asr_tag+=_raw_${lang}_${token_suffix}${sp_suffix}
+fi
+asr_exp=${expdir}/asr_${asr_tag}
+lm_stats_dir=${expdir}/lm_stats_${lang}_${token_suffix}
+[ -z "${lm_tag}" ] && [ -n "${lm_config}" ] && lm_tag=$(basename "${lm_config}" .yaml)
+lm_exp=${expdir}/lm_${lm_tag:-none}_${lang}_${token_suffix}
+lm_text=${dumpdir}/raw/lm_train.txt
+
+token_opts=(--token_type "${token_type}" --token_list "${token_list}" --bpemodel "${bpemodel}"
+            --non_linguistic_symbols none --cleaner none --g2p none)
+data_opts() {  # data_opts <train|valid> <dump dir>
+    echo "--$1_data_path_and_name_and_type $2/wav.scp,speech,sound" \
+         "--$1_data_path_and_name_and_type $2/text,text,text"
+}
+split_keys() {  # split_keys <scp> <n> <out prefix>: n key files <out prefix>.1 .. .n
+    local n
+    n=$(wc -l < "$1"); [ "$2" -lt "${n}" ] && n=$2
+    cut -d' ' -f1 "$1" > "$3.all"
+    split -n "l/${n}" -a 3 --numeric-suffixes=1 "$3.all" "$3."
+    for f in "$3".[0-9][0-9][0-9]; do mv "$f" "$3.$((10#${f##*.}))"; done
+    rm "$3.all"
+    echo "${n}"
+}
+run_jobs() {  # run_jobs <n> <log prefix> <command with JOB>: n parallel jobs, fails if any fails
+    local n=$1 prefix=$2 pids=() failed=0 i
+    shift 2
+    for i in $(seq 1 "${n}"); do
+        ( "${@//JOB/${i}}" ) > "${prefix}.${i}.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${!pids[@]}"; do wait "${pids[$i]}" || { failed=1; log "job $((i + 1)) failed: see ${prefix}.$((i + 1)).log"; }; done
+    [ "${failed}" = 0 ] || die "some jobs failed (logs: ${prefix}.*.log)"
+}
+
+# ---- 1: data preparation ----
+if runs 1; then
+    log "Stage 1: data preparation: local/data.sh ${local_data_opts}"
+    require local/data.sh "the recipe (each recipe has its own local/data.sh)"
+    # shellcheck disable=SC2086
+    local/data.sh ${local_data_opts}
+    for dset in "${train_set}" "${valid_set}" ${test_sets}; do
+        require "data/${dset}/wav.scp" "local/data.sh (stage 1)"
+    done
+fi
+
+# ---- 2: formatting ----
+if runs 2; then
+    log "Stage 2: formatting data/ into ${dumpdir}/raw/"
+    for dset in "${train_set}" "${valid_set}" ${test_sets}; do
+        require "data/${dset}/wav.scp" "stage 1 (data preparation)"
+        opts=(--src "data/${dset}")
+        if [ "${dset}" = "${train_set}" ]; then
+            out=${train_dump}
+            opts+=(--min_dur "${min_wav_duration}" --max_dur "${max_wav_duration}")
+            [ -n "${speed_perturb_factors}" ] && opts+=(--speed_perturb_factors "${speed_perturb_factors}")
+        else
+            out=${dumpdir}/raw/${dset}   # keep every utterance of the evaluation sets
+        fi
+        is_done "${out}" && { log "  ${out}: already formatted"; continue; }
+        ${python} -m espnet_plugin.recipe.format_data "${opts[@]}" --dst "${out}"
+        mark_done "${out}"
+    done
+fi
+
+# ---- 3: tokenization ----
+if runs 3; then
+    log "Stage 3: ${token_type} tokenization on ${train_dump}/text into ${token_dir}"
+    require "${train_dump}/text" "stage 2 (formatting)"
+    if is_done "${token_dir}"; then
+        log "  ${token_list}: already made"
+    else
+        mkdir -p "${token_dir}"
+        ${python} -m espnet_plugin.recipe.tokenizer --text "${train_dump}/text" \
+            --token_type "${token_type}" --out_dir "${token_dir}" \
+            --nbpe "${nbpe}" --bpemode "${bpemode}" --char_cover "${bpe_char_cover}"
+        mark_done "${token_dir}"
+    fi
+fi
+
+# ---- 4: statistics ----
+if runs 4; then
+    log "Stage 4: statistics collection into ${asr_stats_dir}"
+    for f in "${train_dump}/wav.scp" "${valid_dump}/wav.scp" "${token_list}"; do
+        require "$f" "stages 2-3"
+    done
+    [ -n "${asr_config}" ] || die "--asr_config is required from stage 4 on"
+    require "${asr_config}" "you (the --asr_config YAML)"
+    if is_done "${asr_stats_dir}"; then
+        log "  ${asr_stats_dir}: already collected"
+    else
+        logdir=${asr_stats_dir}/logdir
+        mkdir -p "${logdir}"
+        n=$(split_keys "${train_dump}/wav.scp" "${nj}" "${logdir}/train.scp")
+        split_keys "${valid_dump}/wav.scp" "${n}" "${logdir}/valid.scp" > /dev/null
+        nv=$(ls "${logdir}"/valid.scp.* | wc -l)
+        [ "${nv}" -lt "${n}" ] && n=${nv}
+        log "  ${n} jobs, logs in ${logdir}/stats.*.log"
+        # shellcheck disable=SC2046
+        run_jobs "${n}" "${logdir}/stats" ${python} -m espnet_plugin.bin.asr_train \
+            --collect_stats true --use_preprocessor true "${token_opts[@]}" \
+            $(data_opts train "${train_dump}") $(data_opts valid "${valid_dump}") \
+            --train_shape_file "${logdir}/train.scp.JOB" --valid_shape_file "${logdir}/valid.scp.JOB" \
+            --output_dir "${logdir}/stats.JOB" --config "${asr_config}" --frontend_conf "fs=${fs}"
+        inputs=()
+        for i in $(seq 1 "${n}"); do inputs+=(--input_dir "${logdir}/stats.${i}"); done
+        ${python} -m espnet2.bin.aggregate_stats_dirs "${inputs[@]}" --output_dir "${asr_stats_dir}"
+        n_tokens=$(wc -l < "${token_list}")
+        for part in train valid; do
+            awk -v N="${n_tokens}" '{ print $0 "," N }' "${asr_stats_dir}/${part}/text_shape" \
+                > "${asr_stats_dir}/${part}/text_shape.${token_type}"
+        done
+        mark_done "${asr_stats_dir}"
+    fi
+fi
+
+# ---- 5: training ----
+train_command() {  # the launcher-specific command that runs $1 (a python module)
+    local module=$1
+    case "${launcher}" in
+        local)
+            echo "${python} -m ${module} --ngpu ${ngpu} --multiprocessing_distributed true" ;;
+        torchrun)
+            local per_node=${nproc_per_node:-$(( ngpu > 0 ? ngpu : 1 ))} backend=gloo
+            [ "${ngpu}" -gt 0 ] && backend=nccl
+            echo "${python} -m torch.distributed.run --nnodes ${num_nodes} --node_rank ${node_rank}" \
+                 "--nproc_per_node ${per_node} --master_addr ${master_addr} --master_port ${master_port}" \
+                 "-m ${module} --ngpu $(( ngpu > 0 ? 1 : 0 )) --multiprocessing_distributed false" \
+                 "--dist_backend ${backend}" ;;
+        slurm)
+            echo "srun --nodes ${num_nodes} --ntasks-per-node 1 ${python} -m ${module} --ngpu ${ngpu}" \
+                 "--multiprocessing_distributed true --dist_launcher slurm" \
+                 "--dist_init_method file://$(pwd)/${expdir}/.dist_init_$$" ;;
+    esac
+}
+
+if runs 5; then
+    log "Stage 5: ASR training into ${asr_exp}"
+    [ -n "${asr_config}" ] || die "--asr_config is required from stage 4 on"
+    for f in "${asr_config}" "${asr_stats_dir}/train/feats_stats.npz" "${asr_stats_dir}/train/text_shape.${token_type}"; do
+        require "$f" "stage 4 (statistics)"
+    done
+    mkdir -p "${asr_exp}"
+    log "  launcher ${launcher}, ${ngpu} GPU(s) per node, ${num_nodes} node(s); log: ${asr_exp}/train.log"
+    log "  an interrupted training resumes from ${asr_exp}/checkpoint.pth when this stage is re-run"
+    # shellcheck disable=SC2046,SC2086
+    $(train_command espnet_plugin.bin.asr_train) \
+        --use_preprocessor true "${token_opts[@]}" \
+        $(data_opts train "${train_dump}") $(data_opts valid "${valid_dump}") \
+        --train_shape_file "${asr_stats_dir}/train/speech_shape" \
+        --train_shape_file "${asr_stats_dir}/train/text_shape.${token_type}" \
+        --valid_shape_file "${asr_stats_dir}/valid/speech_shape" \
+        --valid_shape_file "${asr_stats_dir}/valid/text_shape.${token_type}" \
+        --resume true --fold_length 80000 --fold_length 150 \
+        --frontend_conf "fs=${fs}" --normalize "${feats_normalize}" \
+        --normalize_conf "stats_file=${asr_stats_dir}/train/feats_stats.npz" \
+        --config "${asr_config}" --output_dir "${asr_exp}" ${asr_args} > "${asr_exp}/train.log" 2>&1 \
+        || { tail -n 30 "${asr_exp}/train.log"; die "training failed: see ${asr_exp}/train.log"; }
+    require "${asr_exp}/${inference_asr_model}" "ESPnet's trainer (checkpoint averaging at the end of training)"
+    log "  done: ${asr_exp}/${inference_asr_model}"
+fi
+
+# ---- 6-7: language model ----
+if runs 6 || runs 7; then
+    if [ "${use_lm}" = false ]; then
+        log "Stages 6-7: skipped: no LM (--use_lm false)"
+    else
+        [ -n "${lm_config}" ] || die "--use_lm true needs --lm_config"
+        require "${lm_config}" "you (the --lm_config YAML)"
+        require "${token_list}" "stage 3 (tokenization)"
+        if runs 6; then
+            log "Stage 6: LM text and statistics into ${lm_stats_dir}"
+            require "${train_dump}/text" "stage 2 (formatting)"
+            cut -d' ' -f2- "${train_dump}/text" | awk '{ printf "lm%08d %s\n", NR, $0 }' > "${lm_text}"
+            cut -d' ' -f2- "${valid_dump}/text" | awk '{ printf "lmdev%08d %s\n", NR, $0 }' > "${lm_text%.txt}_dev.txt"
+            mkdir -p "${lm_stats_dir}"
+            ${python} -m espnet_plugin.bin.lm_train --collect_stats true --ngpu 0 "${token_opts[@]}" \
+                --train_data_path_and_name_and_type "${lm_text},text,text" \
+                --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
+                --train_shape_file "${lm_text}" --valid_shape_file "${lm_text%.txt}_dev.txt" \
+                --config "${lm_config}" --output_dir "${lm_stats_dir}" > "${lm_stats_dir}/stats.log" 2>&1 \
+                || die "LM statistics failed: see ${lm_stats_dir}/stats.log"
+            n_tokens=$(wc -l < "${token_list}")
+            for part in train valid; do
+                awk -v N="${n_tokens}" '{ print $0 "," N }' "${lm_stats_dir}/${part}/text_shape" \
+                    > "${lm_stats_dir}/${part}/text_shape.${token_type}"
+            done
+        fi
+        if runs 7; then
+            log "Stage 7: LM training into ${lm_exp}"
+            require "${lm_stats_dir}/train/text_shape.${token_type}" "stage 6 (LM statistics)"
+            mkdir -p "${lm_exp}"
+            # shellcheck disable=SC2046,SC2086
+            $(train_command espnet_plugin.bin.lm_train) "${token_opts[@]}" \
+                --train_data_path_and_name_and_type "${lm_text},text,text" \
+                --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
+                --train_shape_file "${lm_stats_dir}/train/text_shape.${token_type}" \
+                --valid_shape_file "${lm_stats_dir}/valid/text_shape.${token_type}" \
+                --resume true --config "${lm_config}" --output_dir "${lm_exp}" ${lm_args} \
+                > "${lm_exp}/train.log" 2>&1 || die "LM training failed: see ${lm_exp}/train.log"
+            require "${lm_exp}/${inference_lm}" "ESPnet's LM trainer"
+        fi
+    fi
+fi
+
+# ---- 8: decoding ----
+decode_tag=decode_$( [ -n "${inference_config}" ] && basename "${inference_config}" .yaml || echo default )
+[ "${use_lm}" = true ] && decode_tag+=_lm_${lm_tag:-none}_${inference_lm%.pth}
+decode_tag+=_asr_model_${inference_asr_model%.pth}
+
+if runs 8; then
+    log "Stage 8: decoding ${test_sets} with ${asr_exp}/${inference_asr_model}"
+    require "${asr_exp}/config.yaml" "stage 5 (training)"
+    require "${asr_exp}/${inference_asr_model}" "stage 5 (training)"
+    inference_opts=(--asr_train_config "${asr_exp}/config.yaml" --asr_model_file "${asr_exp}/${inference_asr_model}")
+    [ -n "${inference_config}" ] && { require "${inference_config}" "you (--inference_config)"; inference_opts+=(--config "${inference_config}"); }
+    if [ "${use_lm}" = true ]; then
+        require "${lm_exp}/${inference_lm}" "stage 7 (LM training)"
+        inference_opts+=(--lm_train_config "${lm_exp}/config.yaml" --lm_file "${lm_exp}/${inference_lm}")
+    fi
+    for dset in ${test_sets}; do
+        dir=${asr_exp}/${decode_tag}/${dset}
+        is_done "${dir}" && { log "  ${dir}: already decoded"; continue; }
+        require "${dumpdir}/raw/${dset}/wav.scp" "stage 2 (formatting)"
+        logdir=${dir}/logdir
+        mkdir -p "${logdir}"
+        n=$(split_keys "${dumpdir}/raw/${dset}/wav.scp" "${inference_nj}" "${logdir}/keys")
+        log "  ${dset}: ${n} jobs, logs in ${logdir}/asr_inference.*.log"
+        # shellcheck disable=SC2086
+        run_jobs "${n}" "${logdir}/asr_inference" ${python} -m espnet_plugin.bin.asr_inference \
+            --ngpu "$(( ngpu > 0 ? 1 : 0 ))" --batch_size 1 \
+            --data_path_and_name_and_type "${dumpdir}/raw/${dset}/wav.scp,speech,sound" \
+            --key_file "${logdir}/keys.JOB" --output_dir "${logdir}/output.JOB" \
+            "${inference_opts[@]}" ${inference_args}
+        for f in text token score; do
+            for i in $(seq 1 "${n}"); do cat "${logdir}/output.${i}/1best_recog/${f}"; done \
+                | LC_ALL=C sort -k1,1 > "${dir}/${f}"
+        done
+        mark_done "${dir}"
+    done
+fi
+
+# ---- 9: scoring ----
+if runs 9; then
+    log "Stage 9: scoring"
+    for dset in ${test_sets}; do
+        dir=${asr_exp}/${decode_tag}/${dset}
+        require "${dir}/text" "stage 8 (decoding)"
+        for unit in word char; do
+            ${python} -m espnet_plugin.recipe.score --ref "${dumpdir}/raw/${dset}/text" \
+                --hyp "${dir}/text" --unit "${unit}" --name "${dset}" --out_dir "${dir}/score_${unit}"
+        done
+        log "  ${dset}: $(grep -h . "${dir}/score_word/result.txt" | tail -n 1)"
+    done
+fi
+
+# ---- 10: report ----
+if runs 10; then
+    log "Stage 10: comparison report over ${expdir}"
+    ${python} -m espnet_plugin.recipe.report --exp_dir "${expdir}" --out_dir "${expdir}/report"
+    log "  ${expdir}/report/RESULTS.md"
+fi
+
+log "Successfully finished. [elapsed=${SECONDS}s]"

@@ -1,0 +1,17 @@
+"""Shared fixtures: paths of the repository, its recipes and the optional real-speech sample."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE_ASR = REPO / "egs2" / "TEMPLATE" / "asr1" / "asr.sh"
+# A user's clone has no ../shared; tests that use it skip when it is absent.
+LIBRISPEECH_MINI = REPO.parent / "shared" / "data" / "LibriSpeech-mini"
+
+
+@pytest.fixture
+def librispeech_mini() -> Path:
+    if not (LIBRISPEECH_MINI / "LibriSpeech").is_dir():
+        pytest.skip(f"no LibriSpeech sample at {LIBRISPEECH_MINI}")
+    return LIBRISPEECH_MINI
