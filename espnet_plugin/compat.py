@@ -31,3 +31,15 @@ make_pad_mask = _nets_utils.make_pad_mask
 make_non_pad_mask = _nets_utils.make_non_pad_mask
 
 BatchScorerInterface = nets_module("scorer_interface").BatchScorerInterface
+
+PositionwiseFeedForward = nets_module(
+    "pytorch_backend.transformer.positionwise_feed_forward"
+).PositionwiseFeedForward
+
+_subsampling = nets_module("pytorch_backend.transformer.subsampling")
+Conv2dSubsampling = _subsampling.Conv2dSubsampling
+Conv2dSubsampling2 = _subsampling.Conv2dSubsampling2
+Conv2dSubsampling6 = _subsampling.Conv2dSubsampling6
+Conv2dSubsampling8 = _subsampling.Conv2dSubsampling8
+TooShortUttError = _subsampling.TooShortUttError
+check_short_utt = _subsampling.check_short_utt

@@ -286,7 +286,7 @@ if runs 5; then
         --resume true --fold_length 80000 --fold_length 150 \
         --frontend_conf "fs=${fs}" --normalize "${feats_normalize}" \
         --normalize_conf "stats_file=${asr_stats_dir}/train/feats_stats.npz" \
-        --config "${asr_config}" --output_dir "${asr_exp}" ${asr_args} > "${asr_exp}/train.log" 2>&1 \
+        --config "${asr_config}" --output_dir "${asr_exp}" ${asr_args} >> "${asr_exp}/train.log" 2>&1 \
         || { tail -n 30 "${asr_exp}/train.log"; die "training failed: see ${asr_exp}/train.log"; }
     require "${asr_exp}/${inference_asr_model}" "ESPnet's trainer (checkpoint averaging at the end of training)"
     log "  done: ${asr_exp}/${inference_asr_model}"
@@ -329,7 +329,7 @@ if runs 6 || runs 7; then
                 --train_shape_file "${lm_stats_dir}/train/text_shape.${token_type}" \
                 --valid_shape_file "${lm_stats_dir}/valid/text_shape.${token_type}" \
                 --resume true --config "${lm_config}" --output_dir "${lm_exp}" ${lm_args} \
-                > "${lm_exp}/train.log" 2>&1 || die "LM training failed: see ${lm_exp}/train.log"
+                >> "${lm_exp}/train.log" 2>&1 || die "LM training failed: see ${lm_exp}/train.log"
             require "${lm_exp}/${inference_lm}" "ESPnet's LM trainer"
         fi
     fi
