@@ -3,7 +3,7 @@
 ESPnet's encoders return ``(output, lengths, states)`` and nothing more, so a layer with a
 regularizer of its own (dynamic chunking's ratio loss, a mixture-of-experts balance loss, ...)
 records it on itself during the forward pass, and the model collects every record right after
-(``espnet_plugin.asr_model``). Records are popped when collected, so a value is never counted twice.
+(``espnet_plugin.asr_model``). Collecting pops the records, so no value is counted twice.
 """
 
 from dataclasses import dataclass, field
