@@ -29,7 +29,8 @@ class ESPnetAuxLossASRModel(ESPnetASRModel):
         text_lengths: torch.Tensor,
         **kwargs,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        collect_aux(self)  # drop records of passes nobody collected, e.g. ``encode`` in decoding
+        # Drop records nobody collected: ``encode`` in decoding, checkpoint recomputation, ...
+        collect_aux(self)
         loss, stats, weight = super().forward(speech, speech_lengths, text, text_lengths, **kwargs)
         aux = collect_aux(self)
         loss = loss + sum(aux.losses.values())
