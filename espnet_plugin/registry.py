@@ -14,7 +14,7 @@ PLUGIN_CLASSES: dict[str, dict[str, dict[str, str]]] = {
     "espnet2.tasks.asr": {
         "encoder_choices": {},
         "decoder_choices": {},
-        "model_choices": {},
+        "model_choices": {"espnet_aux": "espnet_plugin.asr_model:ESPnetAuxLossASRModel"},
     },
     "espnet2.tasks.lm": {
         "lm_choices": {},

@@ -1,0 +1,39 @@
+"""``model: espnet_aux``: ESPnet's ASR model plus the auxiliary losses its layers report.
+
+Layers that mix in ``espnet_plugin.nets.aux_loss.AuxLossMixin`` (e.g. dynamic chunking's ratio
+loss) record weighted losses and stats during the forward pass; this model adds the losses to
+ESPnet's training loss and logs the stats next to ``loss_ctc`` / ``acc``. With no such layer it
+is ``model: espnet`` exactly.
+"""
+
+import torch
+from espnet2.asr.espnet_model import ESPnetASRModel
+from espnet2.torch_utils.device_funcs import force_gatherable
+
+from espnet_plugin.nets.aux_loss import collect_aux
+
+
+class ESPnetAuxLossASRModel(ESPnetASRModel):
+    """CTC/attention (or transducer) ASR model whose loss includes its layers' auxiliary losses.
+
+    Stats gain ``<module path>.<name>`` entries (e.g. ``encoder.chunking.compression``) and
+    ``loss`` becomes the total that is optimised. Keys depend only on the architecture, so every
+    DDP rank reports the same ones.
+    """
+
+    def forward(
+        self,
+        speech: torch.Tensor,
+        speech_lengths: torch.Tensor,
+        text: torch.Tensor,
+        text_lengths: torch.Tensor,
+        **kwargs,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        # Drop records nobody collected: ``encode`` in decoding, checkpoint recomputation, ...
+        collect_aux(self)
+        loss, stats, weight = super().forward(speech, speech_lengths, text, text_lengths, **kwargs)
+        aux = collect_aux(self)
+        loss = loss + sum(aux.losses.values())
+        stats = {**stats, **aux.stats, "loss": loss.detach()}
+        # super() already made loss/stats/weight gatherable; this does the same for the aux stats.
+        return force_gatherable((loss, stats, weight), loss.device)
