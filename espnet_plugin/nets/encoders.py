@@ -1,5 +1,6 @@
-"""The plugin's ESPnet2 encoders: one stack (front end, blocks, final norm, intermediate CTC),
-with the block shape and the sequence mixer chosen by each registered subclass.
+"""The plugin's ESPnet2 encoders: one stack (front end, blocks, final norm, intermediate CTC,
+optional H-Net dynamic chunking), with the block shape and the sequence mixer chosen by each
+registered subclass.
 
 ``encoder: conmamba``  Conformer layers with bidirectional Mamba as the mixer;
 ``encoder: conformer_x``  Conformer layers with any attention type (MHA, GQA, MLA, linear);
@@ -21,7 +22,9 @@ from espnet_plugin.compat import (
     check_short_utt,
     make_pad_mask,
 )
-from espnet_plugin.nets.blocks import MacaronBlock
+from espnet_plugin.nets.attention import build_attention
+from espnet_plugin.nets.blocks import BranchformerBlock, MacaronBlock
+from espnet_plugin.nets.dynamic_chunking import DynamicChunking
 from espnet_plugin.nets.mamba import BiMamba
 
 SUBSAMPLING_LAYERS = {
@@ -56,10 +59,46 @@ def build_input_layer(input_layer: str, input_size: int, d_model: int, dropout_r
     raise ValueError(f"unknown input_layer '{input_layer}': expected one of {list(INPUT_LAYERS)}")
 
 
+class ChunkingStage(DynamicChunking):
+    """Dynamic chunking placed after block ``after_block`` of an encoder.
+
+    ``output``: "compressed" leaves the encoder output at the chunked rate (CTC and the decoder's
+    cross-attention then work on fewer frames: the inference saving), "dechunked" restores the
+    input rate at the end. ``min_keep_ratio`` keeps at least that fraction of each utterance's
+    frames (highest boundary probability first), the same in training and decoding, so a compressed
+    output stays long enough for CTC: 0.25 of 40 ms frames is 6 frames a second, above the token
+    rate of BPE units in read speech.
+    """
+
+    OUTPUTS = ("compressed", "dechunked")
+
+    def __init__(self, d_model: int, after_block: int, output: str = "compressed",
+                 min_keep_ratio: float = 0.25, **chunking_options):
+        super().__init__(d_model, **chunking_options)
+        if output not in self.OUTPUTS:
+            raise ValueError(f"unknown dynamic_chunking output '{output}': expected one of {self.OUTPUTS}")
+        if not 0.0 <= min_keep_ratio <= 1.0:
+            raise ValueError(f"dynamic_chunking min_keep_ratio must be in [0, 1], got {min_keep_ratio}")
+        self.after_block = after_block
+        self.output = output
+        self.min_keep_ratio = min_keep_ratio
+
+    def compress(self, xs: torch.Tensor, mask: torch.Tensor):
+        lengths = mask.sum(dim=1)
+        min_lengths = torch.ceil(lengths * self.min_keep_ratio).long()
+        xs, _, state = self.chunk(xs, lengths, min_lengths=min_lengths)
+        return xs, state.chunk_mask, state
+
+
 class BlockStackEncoder(AbsEncoder):
     """Front end, a stack of blocks ``block(x, mask)``, a final LayerNorm; ESPnet's encoder
     contract (returns ``(out, out_lens, None)``, or ``((out, intermediate), ...)`` with
-    intermediate CTC, like ESPnet's Conformer)."""
+    intermediate CTC, like ESPnet's Conformer).
+
+    ``dynamic_chunking`` (a dict: ``after_block``, ``target_ratio``, ``ratio_loss_weight``,
+    ``output``, ``min_keep_ratio``) inserts :class:`ChunkingStage`; its ratio loss reaches the
+    training loss under ``model: espnet_aux``.
+    """
 
     def __init__(
         self,
@@ -70,6 +109,7 @@ class BlockStackEncoder(AbsEncoder):
         dropout_rate: float = 0.1,
         interctc_layer_idx: Sequence[int] = (),
         interctc_use_conditioning: bool = False,
+        dynamic_chunking: Optional[dict] = None,
     ):
         super().__init__()
         self._output_size = output_size
@@ -83,6 +123,14 @@ class BlockStackEncoder(AbsEncoder):
             )
         self.interctc_use_conditioning = interctc_use_conditioning
         self.conditioning_layer: Optional[nn.Module] = None  # set by ESPnetASRModel when used
+        self.chunking: Optional[ChunkingStage] = None
+        if dynamic_chunking is not None:
+            self.chunking = ChunkingStage(output_size, **dynamic_chunking)
+            if not 0 < self.chunking.after_block < len(self.blocks):
+                raise ValueError(
+                    f"dynamic_chunking after_block must lie in 1..{len(self.blocks) - 1}, "
+                    f"got {self.chunking.after_block}"
+                )
 
     def output_size(self) -> int:
         return self._output_size
@@ -110,18 +158,32 @@ class BlockStackEncoder(AbsEncoder):
     ):
         xs, mask = self.subsample(xs_pad, ilens)
         intermediate_outs = []
+        chunk_state = None
         for index, block in enumerate(self.blocks, start=1):
             xs = block(xs, mask)
+            if self.chunking is not None and index == self.chunking.after_block:
+                xs, mask, chunk_state = self.chunking.compress(xs, mask)
             if index in self.interctc_layer_idx:
                 inter_out = self.after_norm(xs)
                 intermediate_outs.append((index, inter_out))
                 if self.interctc_use_conditioning:
                     xs = xs + self.conditioning_layer(ctc.softmax(inter_out))
+        if chunk_state is not None and self.chunking.output == "dechunked":
+            xs, mask = self.chunking.dechunk(xs, chunk_state), chunk_state.valid
         xs = self.after_norm(xs)
         olens = mask.sum(dim=1)
         if intermediate_outs:
             return (xs, intermediate_outs), olens, None
         return xs, olens, None
+
+
+def macaron_blocks(num_blocks: int, d_model: int, make_mixer, linear_units: int,
+                   dropout_rate: float, **block_options) -> list[MacaronBlock]:
+    """``num_blocks`` Conformer layers, each with a fresh mixer from ``make_mixer()``."""
+    return [
+        MacaronBlock(d_model, make_mixer(), linear_units, dropout_rate, **block_options)
+        for _ in range(num_blocks)
+    ]
 
 
 class ConMambaEncoder(BlockStackEncoder):
@@ -145,20 +207,88 @@ class ConMambaEncoder(BlockStackEncoder):
         mamba_conf: Optional[dict] = None,
         interctc_layer_idx: Sequence[int] = (),
         interctc_use_conditioning: bool = False,
+        dynamic_chunking: Optional[dict] = None,
+    ):
+        blocks = macaron_blocks(
+            num_blocks, output_size, lambda: BiMamba(output_size, **(mamba_conf or {})),
+            linear_units, dropout_rate, macaron_style=macaron_style,
+            use_cnn_module=use_cnn_module, cnn_module_kernel=cnn_module_kernel,
+        )
+        super().__init__(
+            input_size, output_size, blocks, input_layer, dropout_rate,
+            interctc_layer_idx, interctc_use_conditioning, dynamic_chunking,
+        )
+
+
+class ConformerXEncoder(BlockStackEncoder):
+    """Conformer with a choice of attention: ``attention_type`` mha, gqa, mla or linear, and
+    ``attention_conf`` for its own options (``n_kv_heads``, ``kv_latent_dim``, ``rope_dim`` ...)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int = 256,
+        attention_heads: int = 4,
+        attention_type: str = "mha",
+        attention_conf: Optional[dict] = None,
+        attention_dropout_rate: float = 0.0,
+        linear_units: int = 1024,
+        num_blocks: int = 12,
+        dropout_rate: float = 0.1,
+        input_layer: str = "conv2d",
+        macaron_style: bool = True,
+        use_cnn_module: bool = True,
+        cnn_module_kernel: int = 31,
+        interctc_layer_idx: Sequence[int] = (),
+        interctc_use_conditioning: bool = False,
+        dynamic_chunking: Optional[dict] = None,
+    ):
+        blocks = macaron_blocks(
+            num_blocks, output_size,
+            lambda: build_attention(attention_type, output_size, attention_heads,
+                                    attention_dropout_rate, **(attention_conf or {})),
+            linear_units, dropout_rate, macaron_style=macaron_style,
+            use_cnn_module=use_cnn_module, cnn_module_kernel=cnn_module_kernel,
+        )
+        super().__init__(
+            input_size, output_size, blocks, input_layer, dropout_rate,
+            interctc_layer_idx, interctc_use_conditioning, dynamic_chunking,
+        )
+
+
+class BranchformerXEncoder(BlockStackEncoder):
+    """Branchformer with a choice of attention for its global branch (same options as
+    ``conformer_x``); the cgMLP local branch and the concatenation merge are Branchformer's."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int = 256,
+        attention_heads: int = 4,
+        attention_type: str = "mha",
+        attention_conf: Optional[dict] = None,
+        attention_dropout_rate: float = 0.0,
+        cgmlp_linear_units: int = 2048,
+        cgmlp_conv_kernel: int = 31,
+        num_blocks: int = 12,
+        dropout_rate: float = 0.1,
+        input_layer: str = "conv2d",
+        interctc_layer_idx: Sequence[int] = (),
+        interctc_use_conditioning: bool = False,
+        dynamic_chunking: Optional[dict] = None,
     ):
         blocks = [
-            MacaronBlock(
+            BranchformerBlock(
                 output_size,
-                BiMamba(output_size, **(mamba_conf or {})),
-                linear_units,
+                build_attention(attention_type, output_size, attention_heads,
+                                attention_dropout_rate, **(attention_conf or {})),
+                cgmlp_linear_units,
+                cgmlp_conv_kernel,
                 dropout_rate,
-                macaron_style=macaron_style,
-                use_cnn_module=use_cnn_module,
-                cnn_module_kernel=cnn_module_kernel,
             )
             for _ in range(num_blocks)
         ]
         super().__init__(
             input_size, output_size, blocks, input_layer, dropout_rate,
-            interctc_layer_idx, interctc_use_conditioning,
+            interctc_layer_idx, interctc_use_conditioning, dynamic_chunking,
         )
