@@ -274,6 +274,14 @@ def test_all_empty_references_leave_the_rate_undefined(tmp_path):
     assert "CER is undefined" in message
 
 
+def test_reading_text_files(tmp_path):
+    # An id alone is an empty transcript; only "\n" ends a line (U+2028 stays in the text).
+    write_text(tmp_path / "ok", ["u1 a\u2028b", "u2", "u3  two   spaces "])
+    assert read_kaldi_text(tmp_path / "ok") == {"u1": "a\u2028b", "u2": "", "u3": "two   spaces "}
+    write_text(tmp_path / "empty", [])
+    assert read_kaldi_text(tmp_path / "empty") == {}
+
+
 def test_malformed_text_files(tmp_path):
     write_text(tmp_path / "dup", ["u1 a", "u1 b"])
     with pytest.raises(ValueError, match=r"dup:2: utterance id 'u1' repeats line 1"):

@@ -124,9 +124,11 @@ def read_kaldi_text(path: str | Path) -> dict[str, str]:
     texts: dict[str, str] = {}
     first_line: dict[str, int] = {}
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        content = Path(path).read_text(encoding="utf-8").removesuffix("\n")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    # Newlines only: str.splitlines would also break a transcript at U+2028 and the like.
+    lines = content.split("\n") if content else []
     for lineno, line in enumerate(lines, 1):
         fields = line.split(maxsplit=1)
         if not fields:
