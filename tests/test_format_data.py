@@ -97,9 +97,12 @@ def test_speed_perturbation_scales_length_and_pitch(tmp_path):
 @pytest.mark.skipif(MINI is None, reason="no shared/data/LibriSpeech-mini here")
 def test_speed_perturbation_of_real_speech(tmp_path):
     prepare(MINI, tmp_path / "data", ["test-clean"])
-    out = format_data(tmp_path / "data/test_clean", tmp_path / "dump", 0.1, 20.0,
-                      parse_factors("0.9 1.1"))
-    originals = {f.stem: soundfile.info(f).frames for f in (MINI / "LibriSpeech/test-clean").rglob("*.flac")}
+    out = format_data(
+        tmp_path / "data/test_clean", tmp_path / "dump", 0.1, 20.0, parse_factors("0.9 1.1")
+    )
+    originals = {
+        f.stem: soundfile.info(f).frames for f in (MINI / "LibriSpeech/test-clean").rglob("*.flac")
+    }
     assert sorted(out.utts) == sorted(f"sp{f}-{u}" for f in (0.9, 1.1) for u in originals)
     for utt, path in out.wav_scp.items():
         factor, original = float(utt[2:5]), utt[6:]
@@ -138,6 +141,8 @@ def test_bad_options(tmp_path):
         format_data(src, tmp_path / "dst", 2.0, 1.0)
     with pytest.raises(DataPrepError, match=r"--dst .* must differ from --src"):
         format_data(src, src, 0.1, 20.0)
+    with pytest.raises(DataPrepError, match=r"--nj 0"):
+        format_data(src, tmp_path / "dst", 0.1, 20.0, nj=0)
     for spec in ("0.9 fast", "0 1.0", "1.0 1", ""):
         with pytest.raises(DataPrepError, match="--speed_perturb_factors"):
             parse_factors(spec)
