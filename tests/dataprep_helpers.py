@@ -1,5 +1,8 @@
 """Real audio files and corpus layouts written into tmp_path for the data-preparation tests."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +55,19 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def run_recipe_script(script: str, args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``egs2/<script>`` with this Python first on PATH and this checkout importable."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run(
+        ["bash", REPO / "egs2" / script, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )

@@ -1,13 +1,14 @@
 """Asterisk prompt corpus: transcript parsing, normalisation, filtering, split and packaging."""
 
 import gzip
+import os
 import shutil
 import subprocess
 
 import pytest
 import soundfile
 
-from dataprep_helpers import REPO, snapshot, write_tone
+from dataprep_helpers import REPO, run_recipe_script, snapshot, write_tone
 from espnet_plugin.recipe.asterisk import (
     PACKAGES,
     SOUNDS,
@@ -29,12 +30,14 @@ WORDS = (
     "hundred thousand million"
 ).split()
 PLAIN = {f"greeting-{i:02d}": f"Hello, caller number {word}." for i, word in enumerate(WORDS)}
-PLAIN.update({
-    "digits/1": "one",
-    "call-fwd-no-ans": "Call-Forward on No Answer.",
-    "vm-sorry": "I'm sorry I did not understand your response.",
-    "conf-has-left": "...has left the conference.",
-})
+PLAIN.update(
+    {
+        "digits/1": "one",
+        "call-fwd-no-ans": "Call-Forward on No Answer.",
+        "vm-sorry": "I'm sorry I did not understand your response.",
+        "conf-has-left": "...has left the conference.",
+    }
+)
 NOT_WORDS = {
     "beep": "[this is a simple beep tone]",
     "silence/5": "(5 seconds of silence)",
@@ -69,8 +72,17 @@ def debs(tmp_path):
             f"Package: {package}\nVersion: 1.0-1\nArchitecture: all\n"
             "Maintainer: Test <test@example.org>\nDescription: test package\n"
         )
-        subprocess.run(["dpkg-deb", "--root-owner-group", "-b", tmp_path / tree,
-                        out / f"{package}_1.0-1_all.deb"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "dpkg-deb",
+                "--root-owner-group",
+                "-b",
+                tmp_path / tree,
+                out / f"{package}_1.0-1_all.deb",
+            ],
+            check=True,
+            capture_output=True,
+        )
     return out, seconds
 
 
@@ -85,30 +97,56 @@ def test_normalisation_is_librispeech_style():
     assert normalize_transcript("'quoted' words") == "QUOTED WORDS"
 
 
-@pytest.mark.parametrize("transcript", [
-    "[ascending tones]", "(10 seconds of silence)", "<beep decending>", "press 5 to exit",
-    "press * to cancel", "press # to exit", "H.323", "www.asterisk.org", "3D audio enabled",
-    "dollar [$]", "Café", "", "...",
-])
+@pytest.mark.parametrize(
+    "transcript",
+    [
+        "[ascending tones]",
+        "(10 seconds of silence)",
+        "<beep decending>",
+        "press 5 to exit",
+        "press * to cancel",
+        "press # to exit",
+        "H.323",
+        "www.asterisk.org",
+        "3D audio enabled",
+        "dollar [$]",
+        "Café",
+        "",
+        "...",
+    ],
+)
 def test_prompts_that_are_not_plain_words_are_dropped(transcript):
     assert normalize_transcript(transcript) is None
 
 
 def test_parse_prompt_list_format(tmp_path):
     path = tmp_path / "core-sounds-en.txt.gz"
-    write_transcripts(path, {"digits/1": "one", "vm-leavemsg": " Press 5 to leave a message",
-                             "priv-callpending": "who introduces themselves as:"})
-    assert parse_prompts(path) == {"digits/1": "one", "vm-leavemsg": "Press 5 to leave a message",
-                                   "priv-callpending": "who introduces themselves as:"}
+    write_transcripts(
+        path,
+        {
+            "digits/1": "one",
+            "vm-leavemsg": " Press 5 to leave a message",
+            "priv-callpending": "who introduces themselves as:",
+        },
+    )
+    assert parse_prompts(path) == {
+        "digits/1": "one",
+        "vm-leavemsg": "Press 5 to leave a message",
+        "priv-callpending": "who introduces themselves as:",
+    }
 
 
 def test_parse_errors_name_file_and_line(tmp_path):
     path = tmp_path / "core-sounds-en.txt.gz"
     write_transcripts(path, {"beep": "x"}, header="; comment\nno colon on this line\n")
-    with pytest.raises(DataPrepError, match=r"core-sounds-en.txt.gz:2: expected 'name: transcript'"):
+    with pytest.raises(
+        DataPrepError, match=r"core-sounds-en.txt.gz:2: expected 'name: transcript'"
+    ):
         parse_prompts(path)
     write_transcripts(path, {"beep": "x"}, header="beep: y\n")
-    with pytest.raises(DataPrepError, match=r"txt.gz:2: prompt 'beep' is listed twice \(first on line 1\)"):
+    with pytest.raises(
+        DataPrepError, match=r"txt.gz:2: prompt 'beep' is listed twice \(first on line 1\)"
+    ):
         parse_prompts(path)
 
 
@@ -118,8 +156,10 @@ REAL_TREE = REPO / "egs2/asterisk_en/asr1/downloads/extracted"
 @pytest.mark.skipif(not (REAL_TREE / TRANSCRIPTS).is_file(), reason="asterisk recipe not run here")
 def test_real_prompt_list_matches_the_recordings():
     prompts = parse_prompts(REAL_TREE / TRANSCRIPTS)
-    recordings = {str(p.relative_to(REAL_TREE / SOUNDS).with_suffix(""))
-                  for p in (REAL_TREE / SOUNDS).rglob("*.wav")}
+    recordings = {
+        str(p.relative_to(REAL_TREE / SOUNDS).with_suffix(""))
+        for p in (REAL_TREE / SOUNDS).rglob("*.wav")
+    }
     assert len(recordings & prompts.keys()) >= 0.95 * len(recordings)
     assert prompts["digits/1"] == "one"
 
@@ -178,12 +218,16 @@ def test_unreadable_recording_names_the_file(tmp_path, debs):
     deb_dir, _ = debs
     prepare(tmp_path / "data", tmp_path / "downloads", deb_dir=deb_dir)
     (tmp_path / "downloads/extracted" / SOUNDS / "digits/1.wav").write_bytes(b"RIFF garbage")
-    with pytest.raises(DataPrepError, match=r"prompt 'digits/1': cannot read audio file .*digits/1.wav"):
+    with pytest.raises(
+        DataPrepError, match=r"prompt 'digits/1': cannot read audio file .*digits/1.wav"
+    ):
         prepare(tmp_path / "data2", tmp_path / "downloads", deb_dir=deb_dir)
 
 
 def test_deb_dir_without_packages(tmp_path):
-    with pytest.raises(DataPrepError, match=r"--deb_dir .* must hold asterisk-core-sounds-en-wav_\*.deb"):
+    with pytest.raises(
+        DataPrepError, match=r"--deb_dir .* must hold asterisk-core-sounds-en-wav_\*.deb"
+    ):
         prepare(tmp_path / "data", tmp_path / "downloads", deb_dir=tmp_path)
 
 
@@ -196,5 +240,20 @@ def test_apt_failure_tells_how_to_fix_it(tmp_path, monkeypatch):
         'Dir::Cache::srcpkgcache "";\n'
     )
     monkeypatch.setenv("APT_CONFIG", str(tmp_path / "apt.conf"))
-    with pytest.raises(DataPrepError, match=r"(?s)apt-get download .*failed.*apt-get update.*--deb_dir"):
+    with pytest.raises(
+        DataPrepError, match=r"(?s)apt-get download .*failed.*apt-get update.*--deb_dir"
+    ):
         fetch_debs(tmp_path / "downloads")
+
+
+@needs_dpkg
+def test_recipe_data_sh(tmp_path, debs):
+    script = "asterisk_en/asr1/local/data.sh"
+    assert os.access(REPO / "egs2" / script, os.X_OK)
+    result = run_recipe_script(script, ["--deb_dir", debs[0]], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "downloads/extracted" / TRANSCRIPTS).is_file()
+    counts = [
+        len(read_data_dir(tmp_path / "data" / split).utts) for split in ("train", "dev", "test")
+    ]
+    assert sum(counts) == len(PLAIN)

@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import os
 import shutil
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import soundfile
 from espnet2.fileio.sound_scp import SoundScpReader
 
-from dataprep_helpers import find_shared, make_librispeech, snapshot
+from dataprep_helpers import REPO, find_shared, make_librispeech, run_recipe_script, snapshot
 from espnet_plugin.recipe.kaldi_data import (
     DataDirExistsError,
     DataPrepError,
@@ -38,7 +39,10 @@ SYNTHETIC = {
 def test_real_mini_corpus(tmp_path, inner):
     corpus = MINI / "LibriSpeech" if inner else MINI
     out = prepare(corpus, tmp_path / "data", ["dev-clean", "test-clean"])
-    assert out == {"dev-clean": tmp_path / "data/dev_clean", "test-clean": tmp_path / "data/test_clean"}
+    assert out == {
+        "dev-clean": tmp_path / "data/dev_clean",
+        "test-clean": tmp_path / "data/test_clean",
+    }
     for split in ("dev-clean", "test-clean"):
         data = read_data_dir(out[split])
         flacs = sorted((MINI / "LibriSpeech" / split).rglob("*.flac"))
@@ -68,8 +72,10 @@ def test_synthetic_corpus_and_idempotent_rerun(tmp_path):
     data = read_data_dir(data_dir)
     assert data.utts == sorted(SYNTHETIC)
     assert data.text["610-1234-0000"] == "A TRANSCRIPT WITH DOUBLE SPACES"
-    assert data.spk2utt() == {"61": ["61-70968-0000", "61-70968-0001"],
-                              "610": ["610-1234-0000", "610-99-0000"]}
+    assert data.spk2utt() == {
+        "61": ["61-70968-0000", "61-70968-0001"],
+        "610": ["610-1234-0000", "610-99-0000"],
+    }
     for name in ("wav.scp", "text", "utt2spk", "spk2utt"):
         assert subprocess.run(["sort", "-c", data_dir / name], env={"LC_ALL": "C"}).returncode == 0
 
@@ -87,6 +93,15 @@ def test_synthetic_corpus_and_idempotent_rerun(tmp_path):
     assert read_data_dir(data_dir).text["610-99-0000"] == "A NEW TRANSCRIPT"
 
 
+def test_combined_set_needs_its_parts(tmp_path):
+    make_librispeech(tmp_path, "dev-clean", SYNTHETIC)
+    with pytest.raises(DataPrepError, match=r"--combine dev=dev-clean,dev-other: .*--splits"):
+        prepare(
+            tmp_path, tmp_path / "data", ["dev-clean"], combined={"dev": ["dev-clean", "dev-other"]}
+        )
+    assert not (tmp_path / "data").exists()
+
+
 def test_missing_corpus_dir_names_the_option(tmp_path):
     with pytest.raises(DataPrepError, match=r"--librispeech_dir .*/nowhere does not exist"):
         prepare(tmp_path / "nowhere", tmp_path / "data", ["dev-clean"])
@@ -96,7 +111,7 @@ def test_missing_split_names_what_was_looked_for(tmp_path):
     make_librispeech(tmp_path, "dev-clean", SYNTHETIC)
     with pytest.raises(
         DataPrepError,
-        match=r"split 'test-clean' not found: looked for .*/LibriSpeech/test-clean \(--librispeech_dir",
+        match=r"'test-clean' not found: looked for .*/LibriSpeech/test-clean \(--librispeech_dir",
     ):
         prepare(tmp_path, tmp_path / "data", ["dev-clean", "test-clean"])
 
@@ -129,7 +144,9 @@ def test_empty_transcript_names_file_and_line(tmp_path):
 def test_missing_transcript_file(tmp_path):
     split = make_librispeech(tmp_path, "dev-clean", SYNTHETIC)
     (split / "610/1234/610-1234.trans.txt").unlink()
-    with pytest.raises(DataPrepError, match=r"610/1234: transcript file 610-1234.trans.txt is missing"):
+    with pytest.raises(
+        DataPrepError, match=r"610/1234: transcript file 610-1234.trans.txt is missing"
+    ):
         prepare(tmp_path, tmp_path / "data", ["dev-clean"])
 
 
@@ -154,8 +171,14 @@ def corpus_server(tmp_path, monkeypatch):
 
 def test_download_extracts_missing_split_and_reuses_archive(tmp_path, corpus_server):
     corpus = tmp_path / "corpus"
-    prepare(corpus, tmp_path / "data", ["dev-clean"], download=True,
-            download_dir=tmp_path / "archives", url_base=corpus_server)
+    prepare(
+        corpus,
+        tmp_path / "data",
+        ["dev-clean"],
+        download=True,
+        download_dir=tmp_path / "archives",
+        url_base=corpus_server,
+    )
     assert (tmp_path / "archives/dev-clean.tar.gz").is_file()
     assert (corpus / "LibriSpeech/SPEAKERS.TXT").is_file()
     assert read_data_dir(tmp_path / "data/dev_clean").utts == sorted(SYNTHETIC)
@@ -163,8 +186,14 @@ def test_download_extracts_missing_split_and_reuses_archive(tmp_path, corpus_ser
 
     # Split gone, network gone: the kept archive is extracted again.
     shutil.rmtree(corpus / "LibriSpeech/dev-clean")
-    prepare(corpus, tmp_path / "data", ["dev-clean"], download=True,
-            download_dir=tmp_path / "archives", url_base="http://127.0.0.1:9")
+    prepare(
+        corpus,
+        tmp_path / "data",
+        ["dev-clean"],
+        download=True,
+        download_dir=tmp_path / "archives",
+        url_base="http://127.0.0.1:9",
+    )
     assert (corpus / "LibriSpeech/dev-clean/61/70968/61-70968-0000.flac").is_file()
 
 
@@ -173,9 +202,16 @@ def test_unreachable_network_is_a_clear_error(tmp_path, monkeypatch):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
-    with pytest.raises(DataPrepError, match=r"cannot download http://127.0.0.1:\d+/dev-clean.tar.gz: .*network"):
-        prepare(tmp_path / "corpus", tmp_path / "data", ["dev-clean"], download=True,
-                url_base=f"http://127.0.0.1:{closed_port}")
+    with pytest.raises(
+        DataPrepError, match=r"cannot download http://127.0.0.1:\d+/dev-clean.tar.gz: .*network"
+    ):
+        prepare(
+            tmp_path / "corpus",
+            tmp_path / "data",
+            ["dev-clean"],
+            download=True,
+            url_base=f"http://127.0.0.1:{closed_port}",
+        )
     assert not list((tmp_path / "corpus").glob("*.tar.gz"))
 
 
@@ -184,3 +220,18 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         run_cli(lambda: main(argv))
     assert "error: --librispeech_dir" in str(exit_.value.code)
+
+
+def test_recipe_data_sh(tmp_path):
+    script = "librispeech_100/asr1/local/data.sh"
+    assert os.access(REPO / "egs2" / script, os.X_OK)
+    splits = ("train-clean-100", "dev-clean", "dev-other", "test-clean", "test-other")
+    for i, split in enumerate(splits):
+        make_librispeech(tmp_path / "corpus", split, {f"{i + 1}-{i}-0000": ("WORDS", 0.2)})
+    result = run_recipe_script(script, ["--librispeech_dir", tmp_path / "corpus"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for i, split in enumerate(splits):
+        assert read_data_dir(tmp_path / "data" / split.replace("-", "_")).utts == [
+            f"{i + 1}-{i}-0000"
+        ]
+    assert read_data_dir(tmp_path / "data/dev").utts == ["2-1-0000", "3-2-0000"]

@@ -9,6 +9,7 @@ from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
     DataPrepError,
+    combine,
     read_data_dir,
     write_data_dir,
 )
@@ -96,7 +97,9 @@ def test_transcript_without_audio(tmp_path):
     write_data_dir(data, d)
     lines = (d / "text").read_text().splitlines()
     (d / "text").write_text("\n".join(lines[:2] + ["a-99 ORPHAN"] + lines[2:]) + "\n")
-    with pytest.raises(DataPrepError, match=r"text: utterance 'a-99' is a transcript line with no audio"):
+    with pytest.raises(
+        DataPrepError, match=r"text: utterance 'a-99' is a transcript line with no audio"
+    ):
         read_data_dir(d)
 
 
@@ -112,7 +115,9 @@ def test_empty_transcript(tmp_path):
 
 def test_spk2utt_must_match_utt2spk(tmp_path):
     d = corrupt(tmp_path, "spk2utt", "a a-10\nb b-Z b-a b-é\n")
-    with pytest.raises(DataPrepError, match=r"spk2utt does not match .*utt2spk for speaker 'a'.*a-9"):
+    with pytest.raises(
+        DataPrepError, match=r"spk2utt does not match .*utt2spk for speaker 'a'.*a-9"
+    ):
         read_data_dir(d)
 
 
@@ -122,3 +127,11 @@ def test_speaker_order_must_follow_utterance_order(tmp_path):
     with pytest.raises(DataPrepError, match=r"'b-Z' \(speaker 'b'\) sorts after 'a-9'"):
         write_data_dir(data, tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_combine_keeps_every_utterance_once(tmp_path):
+    data = two_speakers(tmp_path)
+    a, b = data.subset(["a-10", "a-9"]), data.subset(["b-Z", "b-a", "b-é"])
+    assert combine([b, a], "dev") == data
+    with pytest.raises(DataPrepError, match=r"dev: utterance 'a-10' is in two of the combined"):
+        combine([a, data], "dev")

@@ -85,10 +85,16 @@ def extract(debs: list[Path], download_dir: Path) -> Path:
     scratch.mkdir(parents=True)
     for deb in debs:
         try:
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch)], check=True,
-                           capture_output=True, text=True)
+            subprocess.run(
+                ["dpkg-deb", "-x", str(deb), str(scratch)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         except FileNotFoundError as err:
-            raise DataPrepError("dpkg-deb is not installed; it is needed to unpack .deb files") from err
+            raise DataPrepError(
+                "dpkg-deb is not installed; it is needed to unpack .deb files"
+            ) from err
         except subprocess.CalledProcessError as err:
             raise DataPrepError(f"dpkg-deb -x {deb} failed: {err.stderr.strip()}") from err
     for needed in (TRANSCRIPTS, SOUNDS):
@@ -169,7 +175,9 @@ def prepare_splits(tree: Path) -> dict[str, tuple[DataDir, float]]:
     logging.info(f"left out {len(no_audio)} prompts with no audio: {no_audio}")
     for split, (wav_scp, _, _) in tables.items():
         if not wav_scp:
-            raise DataPrepError(f"{tree / TRANSCRIPTS}: no usable prompt falls into split '{split}'")
+            raise DataPrepError(
+                f"{tree / TRANSCRIPTS}: no usable prompt falls into split '{split}'"
+            )
     return {
         split: (DataDir(wav_scp=w, text=t, utt2spk=s), seconds[split])
         for split, (w, t, s) in tables.items()
@@ -201,12 +209,23 @@ def prepare(
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", type=Path, default=Path("data"))
-    parser.add_argument("--download_dir", type=Path, default=Path("downloads"),
-                        help="where the .deb files and their extracted tree are kept")
-    parser.add_argument("--deb_dir", type=Path, default=None,
-                        help="use the two .deb files in this folder instead of apt-get download")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing data dirs that differ from this preparation")
+    parser.add_argument(
+        "--download_dir",
+        type=Path,
+        default=Path("downloads"),
+        help="where the .deb files and their extracted tree are kept",
+    )
+    parser.add_argument(
+        "--deb_dir",
+        type=Path,
+        default=None,
+        help="use the two .deb files in this folder instead of apt-get download",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing data dirs that differ from this preparation",
+    )
     return parser
 
 

@@ -58,9 +58,7 @@ class DataDir:
             text={u: self.text[u] for u in keep},
             utt2spk={u: self.utt2spk[u] for u in keep},
             utt2num_samples=(
-                None
-                if self.utt2num_samples is None
-                else {u: self.utt2num_samples[u] for u in keep}
+                None if self.utt2num_samples is None else {u: self.utt2num_samples[u] for u in keep}
             ),
         )
 
@@ -115,6 +113,19 @@ class DataDir:
         if self.utt2num_samples is not None:
             files["utt2num_samples"] = [f"{u} {self.utt2num_samples[u]}" for u in utts]
         return {name: "".join(line + "\n" for line in lines) for name, lines in files.items()}
+
+
+def combine(parts: list[DataDir], where: str | Path) -> DataDir:
+    """One data dir holding the utterances of all ``parts``, like Kaldi's combine_data.sh."""
+    out = DataDir(wav_scp={}, text={}, utt2spk={})
+    for part in parts:
+        shared = sorted(out.wav_scp.keys() & part.wav_scp.keys())
+        if shared:
+            raise DataPrepError(f"{where}: utterance '{shared[0]}' is in two of the combined dirs")
+        out.wav_scp.update(part.wav_scp)
+        out.text.update(part.text)
+        out.utt2spk.update(part.utt2spk)
+    return out
 
 
 def read_table(path: Path, empty_ok: bool = False, value_name: str = "value") -> dict[str, str]:
@@ -221,7 +232,9 @@ def write_data_dir(data: DataDir, path: str | Path, overwrite: bool = False) -> 
             os.replace(tmp, target)
             written = True
     if written:
-        logging.info(f"wrote {path}: {len(data.wav_scp)} utterances, speakers: {len(data.spk2utt())}")
+        logging.info(
+            f"wrote {path}: {len(data.wav_scp)} utterances, speakers: {len(data.spk2utt())}"
+        )
     else:
         logging.info(f"{path} is already up to date ({len(data.wav_scp)} utterances)")
     return written

@@ -19,6 +19,7 @@ from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataPrepError,
     audio_info,
+    combine,
     run_cli,
     write_data_dir,
 )
@@ -143,38 +144,86 @@ def prepare(
     download_dir: Path | None = None,
     url_base: str = OPENSLR_URL,
     overwrite: bool = False,
+    combined: dict[str, list[str]] | None = None,
 ) -> dict[str, Path]:
-    """Write ``data_dir/<split>`` for each split; returns split -> its data dir."""
-    written = {}
+    """Write ``data_dir/<split>`` for each split and each combined set (e.g. dev = dev-clean +
+    dev-other, ESPnet's LibriSpeech validation set); returns split or set name -> data dir.
+    """
+    prepared = {}
     for split in splits:
         if download and not (corpus_root(librispeech_dir) / split).is_dir():
             download_split(split, librispeech_dir, download_dir or librispeech_dir, url_base)
-        data = prepare_split(find_split(librispeech_dir, split))
-        written[split] = data_dir / split.replace("-", "_")
-        write_data_dir(data, written[split], overwrite=overwrite)
+        prepared[split] = prepare_split(find_split(librispeech_dir, split))
+    for name, parts in (combined or {}).items():
+        unknown = [part for part in parts if part not in splits]
+        if name in prepared or unknown:
+            raise DataPrepError(
+                f"--combine {name}={','.join(parts)}: the name must be new and the parts among "
+                f"--splits {' '.join(splits)}"
+            )
+        prepared[name] = combine([prepared[part] for part in parts], data_dir / name)
+    written = {}
+    for name, data in prepared.items():
+        written[name] = data_dir / name.replace("-", "_")
+        write_data_dir(data, written[name], overwrite=overwrite)
     return written
+
+
+def parse_combination(spec: str) -> tuple[str, list[str]]:
+    """``dev=dev-clean,dev-other`` -> ("dev", ["dev-clean", "dev-other"])."""
+    name, equals, parts = spec.partition("=")
+    if not equals or not name or not parts:
+        raise argparse.ArgumentTypeError(f"expected NAME=SPLIT,SPLIT..., got {spec!r}")
+    return name, parts.split(",")
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--librispeech_dir", type=Path, required=True,
-                        help="folder holding LibriSpeech/<split>/ (or LibriSpeech/ itself)")
+    parser.add_argument(
+        "--librispeech_dir",
+        type=Path,
+        required=True,
+        help="folder holding LibriSpeech/<split>/ (or LibriSpeech/ itself)",
+    )
     parser.add_argument("--data_dir", type=Path, default=Path("data"))
     parser.add_argument("--splits", nargs="+", default=["dev-clean", "test-clean"])
-    parser.add_argument("--download", action="store_true",
-                        help="fetch missing splits from openslr (resource 12)")
-    parser.add_argument("--download_dir", type=Path, default=None,
-                        help="where downloaded archives are kept (default: --librispeech_dir)")
+    parser.add_argument(
+        "--combine",
+        type=parse_combination,
+        action="append",
+        default=[],
+        help="also write the union of splits, e.g. dev=dev-clean,dev-other",
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="fetch missing splits from openslr (resource 12)"
+    )
+    parser.add_argument(
+        "--download_dir",
+        type=Path,
+        default=None,
+        help="where downloaded archives are kept (default: --librispeech_dir)",
+    )
     parser.add_argument("--url_base", default=OPENSLR_URL)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing data dirs that differ from this preparation")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing data dirs that differ from this preparation",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
-    prepare(args.librispeech_dir, args.data_dir, args.splits, args.download,
-            args.download_dir, args.url_base, args.overwrite)
+    prepare(
+        args.librispeech_dir,
+        args.data_dir,
+        args.splits,
+        args.download,
+        args.download_dir,
+        args.url_base,
+        args.overwrite,
+        dict(args.combine),
+    )
 
 
 if __name__ == "__main__":
