@@ -151,8 +151,9 @@ def split_of(name: str) -> str:
 def prepare_splits(tree: Path) -> dict[str, tuple[DataDir, float]]:
     """Split -> (its data dir, its total seconds) from an extracted package tree."""
     prompts = parse_prompts(tree / TRANSCRIPTS)
-    tables: dict[str, tuple[dict, dict, dict]] = {split: ({}, {}, {}) for split, _ in SPLIT_BOUNDS}
-    seconds = dict.fromkeys(tables, 0.0)
+    splits = {split: DataDir(wav_scp={}, text={}, utt2spk={}) for split, _ in SPLIT_BOUNDS}
+    seconds = dict.fromkeys(splits, 0.0)
+    ids: dict[str, str] = {}
     not_words, no_audio = [], []
     for name, transcript in sorted(prompts.items()):
         words = normalize_transcript(transcript)
@@ -165,23 +166,21 @@ def prepare_splits(tree: Path) -> dict[str, tuple[DataDir, float]]:
             continue
         info = audio_info(audio, f"prompt '{name}'")
         utt = f"{SPEAKER}-{name.replace('/', '-')}"
+        if utt in ids:
+            raise DataPrepError(f"prompts '{ids[utt]}' and '{name}' map to the same id '{utt}'")
+        ids[utt] = name
         split = split_of(name)
-        wav_scp, text, utt2spk = tables[split]
-        if utt in wav_scp:
-            raise DataPrepError(f"{tree / TRANSCRIPTS}: prompts map to the same id '{utt}'")
-        wav_scp[utt], text[utt], utt2spk[utt] = str(audio.resolve()), words, SPEAKER
+        data = splits[split]
+        data.wav_scp[utt], data.text[utt], data.utt2spk[utt] = str(audio.resolve()), words, SPEAKER
         seconds[split] += info.frames / info.samplerate
     logging.info(f"left out {len(not_words)} prompts that are not plain words: {not_words}")
     logging.info(f"left out {len(no_audio)} prompts with no audio: {no_audio}")
-    for split, (wav_scp, _, _) in tables.items():
-        if not wav_scp:
+    for split, data in splits.items():
+        if not data.wav_scp:
             raise DataPrepError(
                 f"{tree / TRANSCRIPTS}: no usable prompt falls into split '{split}'"
             )
-    return {
-        split: (DataDir(wav_scp=w, text=t, utt2spk=s), seconds[split])
-        for split, (w, t, s) in tables.items()
-    }
+    return {split: (data, seconds[split]) for split, data in splits.items()}
 
 
 def prepare(

@@ -96,7 +96,9 @@ def write_perturbed(copy: PerturbedCopy) -> None:
 
 
 def _single_thread() -> None:
-    torch.set_num_threads(1)  # one process per core; torch threads would oversubscribe them
+    # One file's resampling is too small to share out: threads cost more than they give
+    # (3x slower with 2 threads on a 2-core machine); --nj processes parallelise instead.
+    torch.set_num_threads(1)
 
 
 def select(
@@ -182,8 +184,13 @@ def format_data(
             with ProcessPoolExecutor(nj, initializer=_single_thread) as pool:
                 list(pool.map(write_perturbed, todo, chunksize=16))
         else:
-            for copy in todo:
-                write_perturbed(copy)
+            threads = torch.get_num_threads()
+            _single_thread()
+            try:
+                for copy in todo:
+                    write_perturbed(copy)
+            finally:
+                torch.set_num_threads(threads)
     write_data_dir(out, dst, overwrite=overwrite)
     return out
 
