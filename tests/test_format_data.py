@@ -1,0 +1,160 @@
+"""format_data: lengths, duration/empty-text filtering and speed perturbation written to disk."""
+
+import logging
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import soundfile
+from espnet2.train.dataset import ESPnetDataset
+
+from dataprep_helpers import find_shared, snapshot, write_tone
+from espnet_plugin.recipe.format_data import format_data, parse_factors
+from espnet_plugin.recipe.kaldi_data import (
+    DataDir,
+    DataDirExistsError,
+    DataPrepError,
+    read_data_dir,
+)
+from espnet_plugin.recipe.librispeech import prepare
+
+MINI = find_shared("data/LibriSpeech-mini")
+RATE = 16000
+
+
+def tone_data_dir(tmp_path, seconds: dict[str, float], freq=1000.0, empty=()):
+    """A data dir of sine tones; ``seconds`` maps utterance ids (``spk-n``) to durations."""
+    wav_scp, lengths = {}, {}
+    for utt, secs in seconds.items():
+        path = tmp_path / "audio" / f"{utt}.wav"
+        lengths[utt] = write_tone(path, secs, RATE, freq)
+        wav_scp[utt] = str(path)
+    data = DataDir(
+        wav_scp=wav_scp,
+        text={u: "" if u in empty else f"WORDS OF {u.upper()}" for u in seconds},
+        utt2spk={u: u.split("-")[0] for u in seconds},
+    )
+    # An empty transcript is valid input to format_data; write the files directly.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, content in data.render().items():
+        (src / name).write_text(content)
+    return src, lengths
+
+
+def test_lengths_and_filters(tmp_path, caplog):
+    src, lengths = tone_data_dir(
+        tmp_path, {"a-1": 0.05, "a-2": 0.5, "b-1": 1.0, "b-2": 3.0, "b-3": 0.7}, empty={"b-3"}
+    )
+    with caplog.at_level(logging.INFO):
+        out = format_data(src, tmp_path / "dst", min_dur=0.1, max_dur=2.0)
+    assert out.utts == ["a-2", "b-1"]
+    written = read_data_dir(tmp_path / "dst")
+    assert written.utt2num_samples == {"a-2": lengths["a-2"], "b-1": lengths["b-1"]}
+    assert written.wav_scp == {u: str(tmp_path / "audio" / f"{u}.wav") for u in ("a-2", "b-1")}
+    assert written.spk2utt() == {"a": ["a-2"], "b": ["b-1"]}
+    assert "dropped 1 utterances with an empty transcript: ['b-3']" in caplog.text
+    assert "dropped 1 utterances shorter than --min_dur 0.1 s: ['a-1']" in caplog.text
+    assert "dropped 1 utterances longer than --max_dur 2.0 s: ['b-2']" in caplog.text
+    assert not (tmp_path / "dst" / "audio").exists()
+
+
+def dominant_frequency(path):
+    wave, rate = soundfile.read(path)
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return np.argmax(spectrum) * rate / len(wave)
+
+
+def test_speed_perturbation_scales_length_and_pitch(tmp_path):
+    src, lengths = tone_data_dir(tmp_path, {"a-1": 1.0, "a-2": 1.3, "b-1": 0.77}, freq=1000.0)
+    out = format_data(src, tmp_path / "dst", 0.1, 20.0, parse_factors("0.9 1.0 1.1"))
+    assert len(out.utts) == 9
+    for factor in (0.9, 1.1):
+        for utt, num_samples in lengths.items():
+            new = f"sp{factor}-{utt}"
+            info = soundfile.info(out.wav_scp[new])
+            assert info.samplerate == RATE
+            assert info.frames == out.utt2num_samples[new]
+            assert abs(info.frames - num_samples / factor) <= 1
+            assert out.utt2spk[new] == f"sp{factor}-{utt.split('-')[0]}"
+            assert out.text[new] == out.text[utt]
+            # sox-style speed change: a 1 kHz tone played 1.1x faster sounds at 1.1 kHz.
+            assert dominant_frequency(out.wav_scp[new]) == pytest.approx(1000 * factor, abs=3)
+    assert out.wav_scp["a-1"] == str(tmp_path / "audio/a-1.wav")  # originals are not copied
+
+    # ESPnet's own dataset reads the formatted dir, perturbed audio included.
+    dataset = ESPnetDataset([(str(tmp_path / "dst/wav.scp"), "speech", "sound")])
+    _, item = dataset["sp0.9-b-1"]
+    assert len(item["speech"]) == out.utt2num_samples["sp0.9-b-1"]
+
+    # Several worker processes write the same files.
+    parallel = format_data(src, tmp_path / "dst2", 0.1, 20.0, parse_factors("0.9 1.0 1.1"), nj=2)
+    for utt in out.utts:
+        a, b = (soundfile.read(d.wav_scp[utt])[0] for d in (out, parallel))
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(MINI is None, reason="no shared/data/LibriSpeech-mini here")
+def test_speed_perturbation_of_real_speech(tmp_path):
+    prepare(MINI, tmp_path / "data", ["test-clean"])
+    out = format_data(
+        tmp_path / "data/test_clean", tmp_path / "dump", 0.1, 20.0, parse_factors("0.9 1.1")
+    )
+    originals = {
+        f.stem: soundfile.info(f).frames for f in (MINI / "LibriSpeech/test-clean").rglob("*.flac")
+    }
+    assert sorted(out.utts) == sorted(f"sp{f}-{u}" for f in (0.9, 1.1) for u in originals)
+    for utt, path in out.wav_scp.items():
+        factor, original = float(utt[2:5]), utt[6:]
+        frames = soundfile.info(path).frames
+        assert frames == out.utt2num_samples[utt]
+        assert abs(frames - originals[original] / factor) <= 1
+
+
+def test_rerun_is_idempotent_and_never_clobbers(tmp_path):
+    src, _ = tone_data_dir(tmp_path, {"a-1": 0.5, "a-2": 1.5})
+    factors = parse_factors("0.9 1.0")
+    format_data(src, tmp_path / "dst", 0.1, 20.0, factors)
+    before = snapshot(tmp_path / "dst")
+    format_data(src, tmp_path / "dst", 0.1, 20.0, factors)
+    assert snapshot(tmp_path / "dst") == before
+
+    with pytest.raises(DataDirExistsError, match=r"dst already holds different .*--overwrite"):
+        format_data(src, tmp_path / "dst", 0.1, 1.0, factors)
+    assert snapshot(tmp_path / "dst") == before
+
+    # A perturbed file that is not what this run would write is not replaced either.
+    perturbed = tmp_path / "dst/audio/sp0.9/a-1.flac"
+    write_tone(perturbed, 0.2)
+    changed = snapshot(tmp_path / "dst")
+    with pytest.raises(DataDirExistsError, match=r"sp0.9/a-1.flac"):
+        format_data(src, tmp_path / "dst", 0.1, 20.0, factors)
+    assert snapshot(tmp_path / "dst") == changed
+
+    format_data(src, tmp_path / "dst", 0.1, 20.0, factors, overwrite=True)
+    assert abs(soundfile.info(perturbed).frames - 0.5 * RATE / 0.9) <= 1
+
+
+def test_bad_options(tmp_path):
+    src, _ = tone_data_dir(tmp_path, {"a-1": 0.5})
+    with pytest.raises(DataPrepError, match=r"--min_dur 2.0 / --max_dur 1.0"):
+        format_data(src, tmp_path / "dst", 2.0, 1.0)
+    with pytest.raises(DataPrepError, match=r"--dst .* must differ from --src"):
+        format_data(src, src, 0.1, 20.0)
+    with pytest.raises(DataPrepError, match=r"--nj 0"):
+        format_data(src, tmp_path / "dst", 0.1, 20.0, nj=0)
+    for spec in ("0.9 fast", "0 1.0", "1.0 1", ""):
+        with pytest.raises(DataPrepError, match="--speed_perturb_factors"):
+            parse_factors(spec)
+    assert parse_factors("0.9 1.0 1.1") == [Fraction(9, 10), 1, Fraction(11, 10)]
+
+
+def test_bad_source_dirs(tmp_path):
+    src, _ = tone_data_dir(tmp_path, {"a-1": 0.5, "a-2": 0.6})
+    (tmp_path / "audio/a-2.wav").write_bytes(b"broken")
+    with pytest.raises(DataPrepError, match=r"wav.scp: utterance 'a-2': cannot read audio file"):
+        format_data(src, tmp_path / "dst", 0.1, 20.0)
+    (src / "text").unlink()
+    with pytest.raises(DataPrepError, match=r"missing file .*src/text"):
+        format_data(src, tmp_path / "dst", 0.1, 20.0)
+    assert not (tmp_path / "dst").exists()
