@@ -158,3 +158,9 @@ def test_bad_source_dirs(tmp_path):
     with pytest.raises(DataPrepError, match=r"missing file .*src/text"):
         format_data(src, tmp_path / "dst", 0.1, 20.0)
     assert not (tmp_path / "dst").exists()
+
+
+def test_default_keeps_every_utterance(tmp_path):
+    # asr.sh formats test sets without limits: long and short utterances must all stay.
+    src, lengths = tone_data_dir(tmp_path, {"a-1": 0.02, "a-2": 31.0})
+    assert format_data(src, tmp_path / "dst").utt2num_samples == lengths

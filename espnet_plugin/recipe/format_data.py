@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
@@ -149,8 +150,8 @@ def select(
 def format_data(
     src: str | Path,
     dst: str | Path,
-    min_dur: float = 0.1,
-    max_dur: float = 20.0,
+    min_dur: float = 0.0,
+    max_dur: float = math.inf,
     speed_perturb_factors: list[Fraction] | None = None,
     overwrite: bool = False,
     nj: int = 1,
@@ -201,8 +202,15 @@ def get_parser() -> argparse.ArgumentParser:
         "--src", type=Path, required=True, help="prepared data dir, e.g. data/train"
     )
     parser.add_argument("--dst", type=Path, required=True, help="output, e.g. dump/raw/train")
-    parser.add_argument("--min_dur", type=float, default=0.1, help="seconds")
-    parser.add_argument("--max_dur", type=float, default=20.0, help="seconds")
+    parser.add_argument(
+        "--min_dur", type=float, default=0.0, help="seconds; shorter utterances are dropped"
+    )
+    parser.add_argument(
+        "--max_dur",
+        type=float,
+        default=math.inf,
+        help="seconds; longer utterances are dropped (default: keep all, as for test sets)",
+    )
     parser.add_argument(
         "--speed_perturb_factors",
         type=parse_factors,

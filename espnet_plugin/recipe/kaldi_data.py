@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +50,6 @@ class DataDir:
         for utt in self.utts:
             spk2utt.setdefault(self.utt2spk[utt], []).append(utt)
         return dict(sorted(spk2utt.items()))
-
-    def subset(self, utts: Iterable[str]) -> DataDir:
-        keep = sorted(utts)
-        return DataDir(
-            wav_scp={u: self.wav_scp[u] for u in keep},
-            text={u: self.text[u] for u in keep},
-            utt2spk={u: self.utt2spk[u] for u in keep},
-            utt2num_samples=(
-                None if self.utt2num_samples is None else {u: self.utt2num_samples[u] for u in keep}
-            ),
-        )
 
     def check(self, where: str | Path, allow_empty_text: bool = False) -> None:
         """Raise :class:`DataPrepError` unless the tables describe one consistent data dir."""
@@ -167,7 +156,7 @@ def read_data_dir(path: str | Path, allow_empty_text: bool = False) -> DataDir:
     if num_samples_file.exists():
         utt2num_samples = {}
         for utt, value in read_table(num_samples_file).items():
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise DataPrepError(f"{num_samples_file}: '{utt}' has non-integer length {value!r}")
             utt2num_samples[utt] = int(value)
     data = DataDir(
