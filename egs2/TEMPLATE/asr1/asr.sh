@@ -77,6 +77,7 @@ usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; echo; echo "Options (defau
     grep -E '^[a-z_]+=.*#' "$0" | sed 's/^/  --/; s/=/ (/; s/ *#/) #/'; }
 
 # ---- option parsing: --name value or --name=value for every variable declared above ----
+command_line="$0 $*"
 declared_options=$(grep -oE '^[a-z_]+=' "$0" | tr -d '=')
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -112,7 +113,7 @@ mark_done() { date > "$(done_marker "$1")"; }
 mkdir -p "${expdir}/logs"
 run_log="${expdir}/logs/asr.sh.$(date '+%Y%m%dT%H%M%S').log"
 exec > >(tee -a "${run_log}") 2> >(tee -a "${run_log}" >&2)
-log "$0 $*"
+log "${command_line}"
 log "log file: ${run_log}"
 
 # ---- names derived from the options ----
@@ -190,7 +191,7 @@ if runs 2; then
             out=${dumpdir}/raw/${dset}   # keep every utterance of the evaluation sets
         fi
         is_done "${out}" && { log "  ${out}: already formatted"; continue; }
-        ${python} -m espnet_plugin.recipe.format_data "${opts[@]}" --dst "${out}"
+        ${python} -m asr_recipe.format_data "${opts[@]}" --nj "${nj}" --dst "${out}"
         mark_done "${out}"
     done
 fi
@@ -203,7 +204,7 @@ if runs 3; then
         log "  ${token_list}: already made"
     else
         mkdir -p "${token_dir}"
-        ${python} -m espnet_plugin.recipe.tokenizer --text "${train_dump}/text" \
+        ${python} -m asr_recipe.tokenizer --text "${train_dump}/text" \
             --token_type "${token_type}" --out_dir "${token_dir}" \
             --nbpe "${nbpe}" --bpemode "${bpemode}" --char_cover "${bpe_char_cover}"
         mark_done "${token_dir}"
@@ -379,7 +380,7 @@ if runs 9; then
         dir=${asr_exp}/${decode_tag}/${dset}
         require "${dir}/text" "stage 8 (decoding)"
         for unit in word char; do
-            ${python} -m espnet_plugin.recipe.score --ref "${dumpdir}/raw/${dset}/text" \
+            ${python} -m asr_recipe.score --ref "${dumpdir}/raw/${dset}/text" \
                 --hyp "${dir}/text" --unit "${unit}" --name "${dset}" --out_dir "${dir}/score_${unit}"
         done
         log "  ${dset}: $(grep -h . "${dir}/score_word/result.txt" | tail -n 1)"
@@ -389,7 +390,7 @@ fi
 # ---- 10: report ----
 if runs 10; then
     log "Stage 10: comparison report over ${expdir}"
-    ${python} -m espnet_plugin.recipe.report --exp_dir "${expdir}" --out_dir "${expdir}/report"
+    ${python} -m asr_recipe.report --exp_dir "${expdir}" --out_dir "${expdir}/report"
     log "  ${expdir}/report/RESULTS.md"
 fi
 

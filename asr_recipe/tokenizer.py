@@ -40,6 +40,7 @@ def train_bpe(lines: list[str], out_dir: Path, nbpe: int, bpemode: str, char_cov
             character_coverage=char_cover,
             input_sentence_size=100_000_000,
             shuffle_input_sentence=True,
+            minloglevel=1,  # warnings only: its per-iteration log drowns the recipe log
         )
     except RuntimeError as err:
         raise ValueError(

@@ -15,7 +15,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from espnet_plugin.recipe.kaldi_data import (
+from asr_recipe.kaldi_data import (
     DataDir,
     DataPrepError,
     audio_info,

@@ -1,1 +1,0 @@
-"""Python steps of the recipe engine (egs2/TEMPLATE/asr1/asr.sh calls them)."""
