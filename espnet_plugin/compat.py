@@ -31,3 +31,13 @@ make_pad_mask = _nets_utils.make_pad_mask
 make_non_pad_mask = _nets_utils.make_non_pad_mask
 
 BatchScorerInterface = nets_module("scorer_interface").BatchScorerInterface
+
+_transformer = "pytorch_backend.transformer."
+LayerNorm = nets_module(_transformer + "layer_norm").LayerNorm
+PositionalEncoding = nets_module(_transformer + "embedding").PositionalEncoding
+PositionwiseFeedForward = nets_module(
+    _transformer + "positionwise_feed_forward"
+).PositionwiseFeedForward
+
+BatchBeamSearch = nets_module("batch_beam_search").BatchBeamSearch
+CTCPrefixScorer = nets_module("scorers.ctc").CTCPrefixScorer

@@ -13,7 +13,9 @@ from espnet2.train.class_choices import ClassChoices
 PLUGIN_CLASSES: dict[str, dict[str, dict[str, str]]] = {
     "espnet2.tasks.asr": {
         "encoder_choices": {},
-        "decoder_choices": {},
+        "decoder_choices": {
+            "cached_transformer": "espnet_plugin.nets.transformer_decoder:CachedTransformerDecoder",
+        },
         "model_choices": {},
     },
     "espnet2.tasks.lm": {
