@@ -247,7 +247,7 @@ def test_analytic_cache_bytes_equal_measured(variant, dtype):
 
 
 def test_cache_sizes_follow_the_variants_design():
-    """Per token: MHA 2*d_model numbers, GQA 2*n_kv*head_dim, MLA latent + rope key; linear fixed."""
+    """Per token: MHA 2 d_model numbers, GQA 2 n_kv head_dim, MLA latent + rope; linear fixed."""
     f32 = torch.float32
     assert make("mha").cache_bytes(10, f32) == 10 * 2 * D_MODEL * 4
     assert make("gqa").cache_bytes(10, f32) == 10 * 2 * 2 * (D_MODEL // HEADS) * 4

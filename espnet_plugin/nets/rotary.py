@@ -10,7 +10,7 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate the last dimension of ``x`` (..., time, dim) for positions ``start``, ``start + 1``, ...
+    """Rotate the last dim of ``x`` (..., time, dim) for positions ``start``, ``start + 1``, ...
 
     Channel ``i`` is paired with channel ``i + dim / 2`` and the pair is rotated by
     ``position * base ** (-2 i / dim)``. Nothing is learned and nothing is stored in a state_dict.
