@@ -58,6 +58,25 @@ def test_forward_equals_stock_decoder_on_its_weights(normalize_before, concat_af
         torch.testing.assert_close(ours.output_layer(hidden), logits)
 
 
+def test_training_loss_and_gradients_equal_stock_decoder():
+    stock, ours = stock_and_ours()
+    hs_pad, hlens, ys, ylens = encoder_batch()
+    targets = ys.masked_fill(torch.arange(ys.size(1))[None] >= ylens[:, None], -1)
+    grads = []
+    for decoder in (stock, ours):
+        decoder.train()
+        logits, _ = decoder(hs_pad, hlens, ys, ylens)
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1)
+        decoder.zero_grad()
+        loss.backward()
+        grads.append((loss, {n: p.grad for n, p in decoder.named_parameters()}))
+    (stock_loss, stock_grads), (our_loss, our_grads) = grads
+    torch.testing.assert_close(our_loss, stock_loss, rtol=1e-5, atol=1e-6)
+    assert our_grads.keys() == stock_grads.keys()
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_batch_score_equals_stock_decoder_through_beam_reordering():
     stock, ours = stock_and_ours()
     x = torch.randn(13, SIZE)

@@ -126,6 +126,10 @@ class CachedTransformerDecoder(AbsDecoder, BatchScorerInterface):
             (``espnet_plugin.nets.attention.build_attention``); ``rotary`` follows ``position``.
         src_attention_type, src_attention_conf: cross-attention variant and its options,
             chosen independently; cross-attention never rotates.
+
+    Beam search: ``init_state`` projects the utterance once, ``batch_score`` returns one
+    ``DecoderState`` per hypothesis, so ScorerInterface's ``select_state`` (pick the i-th)
+    serves as is.
     """
 
     @typechecked
