@@ -215,7 +215,8 @@ def print_tables(report: dict) -> None:
             f" {sizes['cross_bytes_per_frame']:>14.0f}"
             f" {versus_mha(sizes, 'cross_bytes_per_frame'):>7}"
         )
-    print("(linear attention keeps a fixed-size state: its bytes per token fall with length)")
+    if "linear" in longest:
+        print("(linear attention keeps a fixed-size state: its bytes per token fall with length)")
 
 
 if __name__ == "__main__":
