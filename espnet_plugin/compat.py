@@ -32,14 +32,20 @@ make_non_pad_mask = _nets_utils.make_non_pad_mask
 
 BatchScorerInterface = nets_module("scorer_interface").BatchScorerInterface
 
+_transformer = "pytorch_backend.transformer."
+LayerNorm = nets_module(_transformer + "layer_norm").LayerNorm
+PositionalEncoding = nets_module(_transformer + "embedding").PositionalEncoding
 PositionwiseFeedForward = nets_module(
-    "pytorch_backend.transformer.positionwise_feed_forward"
+    _transformer + "positionwise_feed_forward"
 ).PositionwiseFeedForward
 
-_subsampling = nets_module("pytorch_backend.transformer.subsampling")
+_subsampling = nets_module(_transformer + "subsampling")
 Conv2dSubsampling = _subsampling.Conv2dSubsampling
 Conv2dSubsampling2 = _subsampling.Conv2dSubsampling2
 Conv2dSubsampling6 = _subsampling.Conv2dSubsampling6
 Conv2dSubsampling8 = _subsampling.Conv2dSubsampling8
 TooShortUttError = _subsampling.TooShortUttError
 check_short_utt = _subsampling.check_short_utt
+
+BatchBeamSearch = nets_module("batch_beam_search").BatchBeamSearch
+CTCPrefixScorer = nets_module("scorers.ctc").CTCPrefixScorer

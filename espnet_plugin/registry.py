@@ -12,8 +12,14 @@ from espnet2.train.class_choices import ClassChoices
 # task module -> choices attribute -> YAML name -> "module:Class" of ours.
 PLUGIN_CLASSES: dict[str, dict[str, dict[str, str]]] = {
     "espnet2.tasks.asr": {
-        "encoder_choices": {},
-        "decoder_choices": {},
+        "encoder_choices": {
+            "conmamba": "espnet_plugin.nets.encoders:ConMambaEncoder",
+            "conformer_x": "espnet_plugin.nets.encoders:ConformerXEncoder",
+            "branchformer_x": "espnet_plugin.nets.encoders:BranchformerXEncoder",
+        },
+        "decoder_choices": {
+            "cached_transformer": "espnet_plugin.nets.transformer_decoder:CachedTransformerDecoder",
+        },
         "model_choices": {"espnet_aux": "espnet_plugin.asr_model:ESPnetAuxLossASRModel"},
     },
     "espnet2.tasks.lm": {
