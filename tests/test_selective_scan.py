@@ -96,7 +96,8 @@ def test_float32_long_sequence_matches_float64_reference():
     """Mamba-like magnitudes (dt ~ 0.001-0.1, A = -(1..n)) over 2003 frames, in float32."""
     inputs = make_inputs(2, 8, 4, 2003, seed=2)
     inputs["A"] = -torch.arange(1, 5, dtype=torch.float64).repeat(8, 1)
-    inputs["delta_bias"] = torch.log(torch.expm1(torch.linspace(0.001, 0.1, 8, dtype=torch.float64)))
+    dt_bias = torch.linspace(0.001, 0.1, 8, dtype=torch.float64)
+    inputs["delta_bias"] = torch.log(torch.expm1(dt_bias))  # softplus(delta_bias) = dt_bias
     inputs["delta"] = inputs["delta"] * 0.1
     weight = torch.randn(2, 8, 2003, dtype=torch.float64)
     inputs32 = {k: v.float() for k, v in inputs.items()}

@@ -1,4 +1,4 @@
-"""`python -m espnet_plugin.bin.benchmark_scan`: the chunked PyTorch selective scan vs a per-step loop.
+"""`python -m espnet_plugin.bin.benchmark_scan`: chunked PyTorch selective scan vs a per-step loop.
 
 Times forward (no grad) and forward+backward of ``selective_scan`` and of the frame-by-frame loop
 that mamba_ssm's ``selective_scan_ref`` runs, at Mamba-layer shapes, prints a table with the

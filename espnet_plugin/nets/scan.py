@@ -187,7 +187,7 @@ class _SelectiveScan(torch.autograd.Function):
             grad_drive[:, -1] += carry
             grad_drive = _adjoint_scan(decay, grad_drive)
             carry = decay[:, 0] * grad_drive[:, 0]
-            # Gradient w.r.t. each log decay dt A: grad_drive_t * decay_t * h_{t-1}, in decay's place.
+            # Gradient w.r.t. each log decay dt A: grad_drive_t decay_t h_{t-1}, in decay's place.
             grad_log_decay = decay
             grad_log_decay[:, 1:].mul_(grad_drive[:, 1:]).mul_(h[:, :-1])
             grad_log_decay[:, 0] = carry * starts[j]
