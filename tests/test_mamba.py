@@ -153,10 +153,12 @@ def recurrent_mix(xz, p):
 def random_mixer(mode, dtype=torch.float64, seed=0, **options):
     torch.manual_seed(seed)
     m = BiMamba(D_MODEL, mode, d_state=D_STATE, **options).to(dtype)
-    with torch.no_grad():  # nonzero biases everywhere, so that they are exercised
+    with torch.no_grad():  # as after training: nonzero biases, A and D off their init values
         for name, p in m.named_parameters():
             if name.endswith("bias") and "dt_proj" not in name:
                 p.normal_(0, 0.1)
+            elif name.startswith(("A_", "D")) or name.endswith((".A_log", ".D")):
+                p.add_(torch.randn_like(p), alpha=0.1)
     return m
 
 

@@ -77,10 +77,15 @@ def selective_ssm(x: torch.Tensor, z: torch.Tensor, p: SSMParameters) -> torch.T
     dt = F.linear(dt, p.dt_proj.weight).transpose(1, 2)  # its bias is added inside the scan
     scan = kernels.selective_scan_fn if kernels is not None else selective_scan
     return scan(
-        x, dt, -torch.exp(p.A_log.float()), B.transpose(1, 2).contiguous(),
-        C.transpose(1, 2).contiguous(), p.D.float(), z=z,
-        delta_bias=p.dt_proj.bias.float(), delta_softplus=True,
+        x, dt, -torch.exp(_at_least_float32(p.A_log)), B.transpose(1, 2).contiguous(),
+        C.transpose(1, 2).contiguous(), _at_least_float32(p.D), z=z,
+        delta_bias=_at_least_float32(p.dt_proj.bias), delta_softplus=True,
     )
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """A, D and dt's bias stay float32 under half precision, as in mamba_ssm (float64 stays)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def reverse_within_lengths(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:

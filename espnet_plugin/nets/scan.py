@@ -1,4 +1,5 @@
-"""Linear recurrences h_t = a_t * h_{t-1} + b_t without a Python loop per time step.
+"""Linear recurrences h_t = a_t * h_{t-1} + b_t without a Python loop per time step, and
+Mamba's selective scan built on them.
 
 A state-space layer spends its time in this recurrence. Stepping it frame by frame issues a few
 tiny tensor operations per frame, so on long utterances the per-operation overhead dominates.
@@ -6,6 +7,7 @@ Here time is cut into about sqrt(T) chunks of about sqrt(T) frames and all chunk
 lock-step: a scan of T frames costs about 5 sqrt(T) tensor operations, each over many frames at
 once, and reads the inputs only twice. Only products and sums of the inputs appear (no division,
 no logarithm), so a_t == 0 and thousands of steps are as exact as the sequential loop.
+Both backward passes are themselves reverse scans, so autograd stores no intermediate tensors.
 """
 
 import math
@@ -13,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -72,6 +75,7 @@ class _LinearRecurrence(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h: torch.Tensor):
         a, h = ctx.saved_tensors
         grad_b = _adjoint_scan(a, grad_h)
@@ -164,6 +168,7 @@ class _SelectiveScan(torch.autograd.Function):
         return (y if z is None else y * F.silu(z.to(y.dtype))).to(u.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         *inputs, y, starts = ctx.saved_tensors
         u, delta, A, B, C, D, z, delta_bias = inputs
