@@ -41,7 +41,7 @@ IMPLEMENTATIONS = {"chunked": chunked_selective_scan, "stepwise": stepwise_selec
 
 
 def mamba_inputs(batch, d_inner, d_state, length, device, requires_grad):
-    """Inputs with a Mamba layer's shapes and value ranges (A = -(1..N), dt around 0.001-0.1)."""
+    """A Mamba layer's inputs: A = -(1..N) and delta_bias as mamba_ssm initialises them."""
     g = torch.Generator().manual_seed(0)
     shapes = {
         "u": (batch, d_inner, length),
