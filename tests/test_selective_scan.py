@@ -126,3 +126,10 @@ def test_states_are_not_kept_for_backward(block_states):
     out = selective_scan(**inputs, delta_softplus=True)
     saved = out.grad_fn.saved_tensors
     assert max(t.numel() for t in saved) < b * length * d * n
+
+
+def test_unsupported_layouts_are_rejected():
+    x = make_inputs(2, 4, 3, 5)
+    grouped_B = x["B"][:, None]  # mamba_ssm's (b, groups, n, l) variant
+    with pytest.raises(ValueError, match=r"B \(2, 1, 3, 5\)"):
+        selective_scan(x["u"], x["delta"], x["A"], grouped_B, x["C"])

@@ -236,4 +236,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns:
         y: (b, d, l) in u's dtype, computed in at least float32.
     """
+    if A.is_complex() or A.dim() != 2 or B.dim() != 3 or C.dim() != 3:
+        raise ValueError(
+            "selective_scan supports a real A (d, n) and input-dependent B, C (b, n, l) only, got "
+            f"A {tuple(A.shape)} {A.dtype}, B {tuple(B.shape)}, C {tuple(C.shape)}"
+        )
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
