@@ -1,4 +1,5 @@
-"""Linear recurrences h_t = a_t * h_{t-1} + b_t without a Python loop per time step.
+"""Linear recurrences h_t = a_t * h_{t-1} + b_t without a Python loop per time step, and
+Mamba's selective scan built on them.
 
 A state-space layer spends its time in this recurrence. Stepping it frame by frame issues a few
 tiny tensor operations per frame, so on long utterances the per-operation overhead dominates.
@@ -6,11 +7,15 @@ Here time is cut into about sqrt(T) chunks of about sqrt(T) frames and all chunk
 lock-step: a scan of T frames costs about 5 sqrt(T) tensor operations, each over many frames at
 once, and reads the inputs only twice. Only products and sums of the inputs appear (no division,
 no logarithm), so a_t == 0 and thousands of steps are as exact as the sequential loop.
+Both backward passes are themselves reverse scans, so autograd stores no intermediate tensors.
 """
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -31,10 +36,13 @@ def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tens
     steps = range(size - 1, -1, -1) if reverse else range(size)
 
     # 1. Every chunk from a zero state: the state it ends in and the product of its a's.
+    # Products that become subnormal are flushed to zero: arithmetic on subnormals is many
+    # times slower on CPUs, and a subnormal decay cannot move a state of ordinary size.
     end, decay = torch.zeros_like(b_c[:, :, 0]), torch.ones_like(a_c[:, :, 0])
+    tiny = torch.finfo(a.dtype).tiny
     for k in steps:
         end = torch.addcmul(b_c[:, :, k], a_c[:, :, k], end)
-        decay.mul_(a_c[:, :, k])
+        F.threshold_(decay.mul_(a_c[:, :, k]), tiny, 0.0)
     # 2. The state entering each chunk, chained from chunk to chunk (the only sequential part).
     start = torch.zeros_like(end)
     for j in range(chunks - 2, -1, -1) if reverse else range(1, chunks):
@@ -67,6 +75,7 @@ class _LinearRecurrence(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h: torch.Tensor):
         a, h = ctx.saved_tensors
         grad_b = _adjoint_scan(a, grad_h)
@@ -94,3 +103,142 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         )
     dtype = torch.promote_types(a.dtype, b.dtype)
     return _LinearRecurrence.apply(a.to(dtype).contiguous(), b.to(dtype).contiguous())
+
+
+# Frames are scanned in blocks of about this many (batch x frame x d x n) states: the memory
+# in flight stays bounded for any length and small enough to be reused from the allocator.
+BLOCK_STATES = 2**20
+
+
+class _TimeMajor(NamedTuple):
+    """selective_scan's inputs as the scan uses them: (b, l, channels), at least float32."""
+
+    u: torch.Tensor
+    dt: torch.Tensor  # step sizes: delta + delta_bias, through softplus if asked
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    D: Optional[torch.Tensor]
+
+    @classmethod
+    def of(cls, u, delta, A, B, C, D, delta_bias, delta_softplus):
+        dtype = torch.promote_types(u.dtype, torch.float32)  # mamba_ssm scans in float32 too
+        dt = delta.to(dtype) if delta_bias is None else delta.to(dtype) + delta_bias[:, None]
+        if delta_softplus:
+            dt = F.softplus(dt)
+        u, dt, B, C = (x.to(dtype).transpose(1, 2).contiguous() for x in (u, dt, B, C))
+        return cls(u, dt, A.to(dtype), B, C, None if D is None else D.to(dtype))
+
+    def blocks(self) -> list[slice]:
+        batch, length, d_inner = self.u.shape
+        size = max(1, BLOCK_STATES // (batch * d_inner * self.A.shape[1]))
+        return [slice(s, min(s + size, length)) for s in range(0, length, size)]
+
+    def states(self, block: slice, start: torch.Tensor):
+        """Decays exp(dt A) and states h (b, l, d, n) of a block of frames entered in ``start``."""
+        dt = self.dt[:, block]
+        decay = (dt[..., None] * self.A).exp_()
+        drive = (dt * self.u[:, block])[..., None] * self.B[:, block, None]
+        drive[:, 0].addcmul_(decay[:, 0], start)
+        return decay, _scan(decay, drive)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Saves the inputs, the ungated output and the state at each block start, not the states.
+
+    Backward recomputes one block of states at a time, last block first, as mamba_ssm does.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        x = _TimeMajor.of(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        blocks = x.blocks()
+        y = torch.empty_like(x.u)
+        starts = x.u.new_zeros(len(blocks), u.shape[0], *A.shape)
+        for j, block in enumerate(blocks):
+            if j > 0:
+                starts[j] = h[:, -1]
+            _, h = x.states(block, starts[j])
+            torch.matmul(h, x.C[:, block, :, None], out=y[:, block, :, None])
+        if D is not None:
+            y.addcmul_(x.u, x.D)
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y, starts)
+        y = y.transpose(1, 2)
+        return (y if z is None else y * F.silu(z.to(y.dtype))).to(u.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        *inputs, y, starts = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias = inputs
+        x = _TimeMajor.of(u, delta, A, B, C, D, delta_bias, ctx.delta_softplus)
+        grad_y, grad_z = grad_out.to(y.dtype).transpose(1, 2), None
+        if z is not None:  # out = y * silu(z)
+            z = z.to(y.dtype).transpose(1, 2)
+            gate = torch.sigmoid(z)
+            grad_z = grad_y * y * gate * (1 + z * (1 - gate))
+            grad_y = grad_y * z * gate
+        grad_u, grad_dt = torch.empty_like(x.u), torch.empty_like(x.dt)
+        grad_B, grad_C = torch.empty_like(x.B), torch.empty_like(x.C)
+        grad_A = torch.zeros_like(x.A)
+        carry = torch.zeros_like(starts[0])  # gradient w.r.t. the state a block ends in
+        for j, block in reversed(list(enumerate(x.blocks()))):
+            dt, u_, B_ = x.dt[:, block], x.u[:, block], x.B[:, block]
+            decay, h = x.states(block, starts[j])
+            torch.matmul(grad_y[:, block, None], h, out=grad_C[:, block, None])
+            # Gradient w.r.t. each step's drive dt u B: the output gradient, run back in time.
+            grad_drive = grad_y[:, block, :, None] * x.C[:, block, None]
+            grad_drive[:, -1] += carry
+            grad_drive = _adjoint_scan(decay, grad_drive)
+            carry = decay[:, 0] * grad_drive[:, 0]
+            # Gradient w.r.t. each log decay dt A: grad_drive_t decay_t h_{t-1}, in decay's place.
+            grad_log_decay = decay
+            grad_log_decay[:, 1:].mul_(grad_drive[:, 1:]).mul_(h[:, :-1])
+            grad_log_decay[:, 0] = carry * starts[j]
+            del h
+            grad_A += (grad_log_decay * dt[..., None]).sum((0, 1))
+            grad_drive_B = (grad_drive @ B_[..., None]).squeeze(-1)  # (b, l, d)
+            grad_dt[:, block] = grad_log_decay.mul_(x.A).sum(-1) + grad_drive_B * u_
+            torch.matmul((dt * u_)[:, :, None], grad_drive, out=grad_B[:, block, None])
+            grad_u[:, block] = grad_drive_B * dt
+        grad_D = None
+        if D is not None:
+            grad_u.addcmul_(grad_y, x.D)
+            grad_D = (grad_y * x.u).sum((0, 1))
+        if ctx.delta_softplus:  # softplus'(v) = sigmoid(v) = 1 - exp(-softplus(v))
+            grad_dt *= -torch.expm1(-x.dt)
+        grad_delta_bias = None if delta_bias is None else grad_dt.sum((0, 1))
+        grad_z = None if grad_z is None else grad_z.transpose(1, 2)
+        grads = (
+            grad_u.transpose(1, 2),
+            grad_dt.transpose(1, 2),
+            grad_A,
+            grad_B.transpose(1, 2),
+            grad_C.transpose(1, 2),
+            grad_D,
+            grad_z,
+            grad_delta_bias,
+        )
+        return (*(None if g is None else g.to(v.dtype) for g, v in zip(grads, inputs)), None)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba_ssm's ``selective_scan_fn`` (real A, input-dependent B and C) in PyTorch.
+
+    Args:
+        u, delta: (b, d, l) inputs and raw step sizes.
+        A: (d, n) state matrix (negative for a decaying state).
+        B, C: (b, n, l) input and output projections of the state.
+        D: (d,) skip connection; z: (b, d, l) gate, the output is y * silu(z).
+        delta_bias: (d,) added to delta, then softplus when ``delta_softplus``.
+
+    Returns:
+        y: (b, d, l) in u's dtype, computed in at least float32.
+    """
+    if A.is_complex() or A.dim() != 2 or B.dim() != 3 or C.dim() != 3:
+        raise ValueError(
+            "selective_scan supports a real A (d, n) and input-dependent B, C (b, n, l) only, got "
+            f"A {tuple(A.shape)} {A.dtype}, B {tuple(B.shape)}, C {tuple(C.shape)}"
+        )
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
