@@ -38,7 +38,9 @@ def make_encoder(request):
 
 
 @pytest.mark.parametrize("input_layer", ["conv2d", "conv2d2", "conv2d6", "conv2d8", "linear"])
-def test_output_lengths_match_espnet_conformer(input_layer):
+def test_output_lengths_match_espnet_conformer_on_each_utterance(input_layer):
+    """Lengths equal what ESPnet's own Conformer outputs for each utterance on its own (inside a
+    batch ESPnet's mask-slicing over-counts short utterances by up to two frames; we do not)."""
     torch.manual_seed(0)
     ilens = torch.tensor([60, 47, 33])
     xs = torch.randn(3, 60, IDIM)
@@ -46,9 +48,10 @@ def test_output_lengths_match_espnet_conformer(input_layer):
     reference = ConformerEncoder(IDIM, output_size=16, attention_heads=2, linear_units=32, num_blocks=1,
                                  input_layer=input_layer)
     out, olens, _ = ours(xs, ilens)
-    ref_out, ref_olens, _ = reference(xs, ilens)
-    assert torch.equal(olens, ref_olens)
-    assert out.shape == ref_out.shape
+    for i, length in enumerate(ilens.tolist()):
+        alone, _, _ = reference(xs[i : i + 1, :length], ilens[i : i + 1])
+        assert olens[i] == alone.size(1)
+    assert out.shape == (3, olens.max(), 16)
 
 
 def test_forward_backward_reaches_every_block_parameter(make_encoder):

@@ -90,6 +90,20 @@ class ChunkingStage(DynamicChunking):
         return xs, state.chunk_mask, state
 
 
+def subsampled_lengths(front_end: nn.Module, lengths: torch.Tensor) -> torch.Tensor:
+    """Output lengths from the convolutions' own arithmetic along time.
+
+    ESPnet's subsampling layers slice the input mask instead, which counts up to two frames too
+    many for an utterance shorter than its batch: frames whose receptive field reaches into the
+    padding. Using exact lengths keeps padding out of every valid frame.
+    """
+    for conv in front_end.modules():
+        if isinstance(conv, nn.Conv2d):
+            span = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+            lengths = (lengths + 2 * conv.padding[0] - span) // conv.stride[0] + 1
+    return lengths
+
+
 class BlockStackEncoder(AbsEncoder):
     """Front end, a stack of blocks ``block(x, mask)``, a final LayerNorm; ESPnet's encoder
     contract (returns ``(out, out_lens, None)``, or ``((out, intermediate), ...)`` with
@@ -146,8 +160,9 @@ class BlockStackEncoder(AbsEncoder):
                 xs_pad.size(1),
                 limit,
             )
-        xs, masks = self.embed(xs_pad, masks)
-        return xs, masks[:, 0]
+        xs, _ = self.embed(xs_pad, masks)
+        olens = subsampled_lengths(self.embed, ilens.to(xs.device))
+        return xs, torch.arange(xs.size(1), device=xs.device)[None, :] < olens[:, None]
 
     def forward(
         self,

@@ -232,8 +232,11 @@ class BiMamba(Mamba):
             SSMParameters(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
         ]
 
-    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, T, d_model), lengths (B,) or None for all T -> (B, T, d_model)."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T, d_model), mask (B, T) True on valid frames or None for all T -> (B, T, d_model).
+
+        The encoder blocks' mixer signature, shared with the attention types."""
+        lengths = None if mask is None else mask.sum(dim=-1)
         if self.bidirectional == "none":
             return super().forward(x)
         if self.bidirectional == "concat":
