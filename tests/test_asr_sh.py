@@ -50,7 +50,7 @@ def test_missing_data_script_is_named(tmp_path):
 
 def test_decoding_refuses_without_a_model_and_keeps_existing_results(tmp_path):
     """A failed re-run never deletes what an earlier run produced."""
-    decode = tmp_path / "exp" / "asr_x" / "decode_default_asr_model_valid.acc.ave" / "test"
+    decode = tmp_path / "exp" / "asr_x" / "decode_asr_model_valid.acc.ave" / "test"
     decode.mkdir(parents=True)
     (decode / "text").write_text("utt1 HELLO\n")
     result = run_asr_sh(tmp_path, "--stage", "8", "--stop_stage", "8", "--asr_tag", "x", *SETS)

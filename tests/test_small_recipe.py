@@ -24,6 +24,7 @@ RECIPE = REPO / "egs2" / "asterisk_en" / "asr1"
 TINY = "conf/train_asr_tiny.yaml"
 ASR_EXP = "exp/asr_train_asr_tiny_raw_en_bpe150"
 DECODE = "decode_asr_asr_model_valid.acc.ave"
+FAST_DECODING = "--beam_size 2 --maxlenratio 0.3"
 
 
 def run(recipe: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -42,7 +43,9 @@ def recipe(tmp_path_factory, pytestconfig) -> Path:
     (work / "asr.sh").unlink()
     (work / "asr.sh").symlink_to(TEMPLATE_ASR)
     downloads = pytestconfig.cache.mkdir("asterisk_downloads")
-    run(work, "--asr_config", TINY, "--local_data_opts", f"--download_dir {downloads}")
+    # A two-epoch model has not learnt to stop: a short beam and output cap keep decoding quick.
+    run(work, "--asr_config", TINY, "--local_data_opts", f"--download_dir {downloads}",
+        "--test_sets", "test", "--inference_args", FAST_DECODING)
     return work
 
 
@@ -61,8 +64,8 @@ def test_every_stage_leaves_its_outputs(recipe):
     assert "test" in report
 
 
-@pytest.mark.parametrize("dset", ["dev", "test"])
-def test_wer_file_parses_and_matches_the_hypotheses(recipe, dset):
+def test_wer_file_parses_and_matches_the_hypotheses(recipe):
+    dset = "test"
     decode = recipe / ASR_EXP / DECODE / dset
     result = json.loads((decode / "score_word" / "result.json").read_text())
     ref = dict(line.split(" ", 1) for line in (recipe / "dump/raw" / dset / "text").read_text().splitlines())
@@ -92,7 +95,7 @@ def test_saved_config_reloads_the_plugin_encoder_and_decodes(recipe):
     speech, rate = soundfile.read(wav, dtype="float32")
     assert rate == 8000
     decoder = Speech2Text(asr_train_config=exp / "config.yaml", asr_model_file=exp / "valid.acc.ave.pth",
-                          beam_size=2, ctc_weight=0.3)
+                          beam_size=2, ctc_weight=0.3, maxlenratio=0.3)
     text = decoder(speech)[0][0]
     assert isinstance(text, str)
 
@@ -107,7 +110,8 @@ def test_saved_config_reloads_the_plugin_encoder_and_decodes(recipe):
         archive.extractall(unpacked)
     config = next(unpacked.rglob("config.yaml"))
     weights = next(unpacked.rglob("valid.acc.ave.pth"))
-    reloaded = Speech2Text(asr_train_config=config, asr_model_file=weights, beam_size=2, ctc_weight=0.3)
+    reloaded = Speech2Text(asr_train_config=config, asr_model_file=weights, beam_size=2, ctc_weight=0.3,
+                           maxlenratio=0.3)
     assert reloaded(speech)[0][0] == text
 
 

@@ -337,7 +337,7 @@ if runs 6 || runs 7; then
 fi
 
 # ---- 8: decoding ----
-decode_tag=decode_$( [ -n "${inference_config}" ] && basename "${inference_config}" .yaml || echo default )
+decode_tag=$( [ -n "${inference_config}" ] && basename "${inference_config}" .yaml || echo decode )
 [ "${use_lm}" = true ] && decode_tag+=_lm_${lm_tag:-none}_${inference_lm%.pth}
 decode_tag+=_asr_model_${inference_asr_model%.pth}
 
