@@ -329,7 +329,7 @@ if runs 6 || runs 7; then
                 --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
                 --train_shape_file "${lm_stats_dir}/train/text_shape.${token_type}" \
                 --valid_shape_file "${lm_stats_dir}/valid/text_shape.${token_type}" \
-                --resume true --config "${lm_config}" --output_dir "${lm_exp}" ${lm_args} \
+                --resume true --fold_length 150 --config "${lm_config}" --output_dir "${lm_exp}" ${lm_args} \
                 >> "${lm_exp}/train.log" 2>&1 || die "LM training failed: see ${lm_exp}/train.log"
             require "${lm_exp}/${inference_lm}" "ESPnet's LM trainer"
         fi

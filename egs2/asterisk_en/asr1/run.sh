@@ -15,6 +15,6 @@ cd "$(dirname "$0")"
     --test_sets "dev test" \
     --token_type bpe \
     --nbpe 150 \
-    --asr_config conf/train_asr_small.yaml \
+    --asr_config conf/train_asr.yaml \
     --inference_config conf/decode_asr.yaml \
     "$@"
