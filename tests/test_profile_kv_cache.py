@@ -142,12 +142,17 @@ def test_measured_cache_equals_the_bytes_computed_from_the_config(profiles, vari
     layers, head_dim = decoder["num_blocks"], d_model // heads
     samples = [soundfile.info(line.split()[1]).frames for line in wav_scp.read_text().splitlines()]
     assert [u["frames"] for u in stats["per_utterance"]] == [encoder_frames(n) for n in samples]
+    assert [u["audio_seconds"] for u in stats["per_utterance"]] == [n / FS for n in samples]
+    assert stats["rtf"] == pytest.approx(
+        sum(u["decode_seconds"] for u in stats["per_utterance"]) / (sum(samples) / FS)
+    )
     cross_numbers = entry_numbers(
         decoder["src_attention_type"], decoder.get("src_attention_conf"), d_model, heads, False
     )
     for u in stats["per_utterance"]:
         # a full beam; the last step scores prefixes of maxlen = int(maxlenratio * frames)
         assert u["hypotheses"] == 3 and u["tokens"] == int(MAXLENRATIO * u["frames"])
+        assert 0 < u["search_seconds"] < u["decode_seconds"]
         if variant == "linear":
             self_bytes = layers * heads * head_dim * (head_dim + 1) * FLOAT32
         else:
@@ -211,3 +216,14 @@ def test_a_stock_decoder_gets_a_clear_error(tmp_path, wav_scp):
     assert "TransformerDecoder (decoder: transformer)" in message
     assert "needs it" in message and "decoder: cached_transformer" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_a_decode_without_the_decoder_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"--ctc_weight must be in \[0, 1\).*got 1.0"):
+        profile_kv_cache.main([
+            "--asr_train_config", str(tmp_path / "config.yaml"),
+            "--asr_model_file", str(tmp_path / "model.pth"),
+            "--data_path_and_name_and_type", f"{tmp_path / 'wav.scp'},speech,sound",
+            "--output_dir", str(tmp_path / "out"),
+            "--ctc_weight", "1.0",
+        ])

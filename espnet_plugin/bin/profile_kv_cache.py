@@ -12,8 +12,8 @@ utterance at a time, as ``asr_inference`` decodes it. For a model whose decoder 
   per hypothesis (its own rows), and for the whole beam (every storage the beam's caches keep
   alive, counted once: the cross-attention memory is one object shared by all hypotheses), next
   to the analytic bytes and to what an MHA decoder of the same d_model, heads and layers holds;
-* wall time per utterance (encoder and beam search, as Speech2Text runs them) and the real-time
-  factor, decode seconds per second of audio;
+* wall time per utterance (encoder and beam search, as Speech2Text runs them), the beam
+  search's share of it, and the real-time factor, decode seconds per second of audio;
 * peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on CPU.
 
 ``decode_stats.json`` in ``--output_dir`` (the decode dir's test-set folder) carries the summary as
@@ -85,6 +85,7 @@ class LastStep:
     Inside ``with``, the decoder's ``init_state`` and ``batch_score`` are wrapped to record the
     encoder frames of the utterance and the prefix length and returned states of the latest
     step: every hypothesis of the beam at that step, whose caches are rows of the step's batch.
+    The time from ``init_state`` to the end of the latest step is the beam search's.
     """
 
     def __init__(self, decoder: CachedTransformerDecoder):
@@ -92,17 +93,20 @@ class LastStep:
         self.frames: Optional[int] = None
         self.tokens: Optional[int] = None
         self.states: list[DecoderState] = []
+        self.began = self.search_seconds = 0.0
 
     def __enter__(self) -> "LastStep":
         init_state, batch_score = self.decoder.init_state, self.decoder.batch_score
 
         def recording_init_state(x: torch.Tensor) -> DecoderState:
             self.frames, self.tokens, self.states = x.size(0), None, []
+            self.began = time.perf_counter()
             return init_state(x)
 
         def recording_batch_score(ys: torch.Tensor, states, xs, *args, **kwargs):
             output, new_states = batch_score(ys, states, xs, *args, **kwargs)
             self.tokens, self.states = ys.size(1), new_states
+            self.search_seconds = time.perf_counter() - self.began
             return output, new_states
 
         self.decoder.init_state = recording_init_state
@@ -272,7 +276,7 @@ def decode_all(args: argparse.Namespace, speech2text: Speech2Text, decoder, fs: 
             seconds = time.perf_counter() - begin
             audio_seconds = speech.numel() / fs
             utterance = {"key": keys[0], "audio_seconds": audio_seconds, "decode_seconds": seconds,
-                         "rtf": seconds / audio_seconds}
+                         "rtf": seconds / audio_seconds, "search_seconds": step.search_seconds}
             utterances.append({**utterance, **measure_last_step(step, decoder, dtype, mha)})
             step.states = []  # measured: let the caches go before the next utterance
     return utterances
@@ -295,6 +299,7 @@ def summarise(args, speech2text, decoder, utterances: list[dict]) -> dict:
     return {
         "rtf": sum(u["decode_seconds"] for u in utterances) / audio,
         "decode_seconds_per_utterance": mean(u["decode_seconds"] for u in utterances),
+        "search_seconds_per_utterance": mean(u["search_seconds"] for u in utterances),
         "kv_cache_bytes": largest["beam_bytes"],
         "kv_cache_ratio_to_mha": largest["ratio_to_mha"],
         "self_cache_bytes_per_token": total("self_bytes_per_token"),
@@ -353,19 +358,20 @@ def print_table(stats: dict) -> None:
     print(f"{'ratio to MHA, all layers':<34} {stats['self_cache_ratio_to_mha']:>12.4g} "
           f"{'':>9} {stats['cross_cache_ratio_to_mha']:>13.4g}")
 
-    print(f"\n{'utterance':<24} {'audio s':>7} {'dec. s':>7} {'RTF':>6} {'tok':>4} {'frm':>4}"
+    print(f"\n{'utterance':<24} {'audio s':>7} {'dec. s':>7} {'beam s':>7} {'RTF':>6}"
+          f" {'tok':>4} {'frm':>4}"
           f" {'hyp':>3} {'self B/hyp':>11} {'self beam B':>11} {'cross B':>9} {'vs MHA':>6}  ok")
     for u in stats["per_utterance"]:
         measured = u["measured"]
         print(f"{u['key'][:24]:<24} {u['audio_seconds']:>7.2f} {u['decode_seconds']:>7.3f}"
-              f" {u['rtf']:>6.3f} {u['tokens']:>4} {u['frames']:>4} {u['hypotheses']:>3}"
+              f" {u['search_seconds']:>7.3f} {u['rtf']:>6.3f} {u['tokens']:>4} {u['frames']:>4} {u['hypotheses']:>3}"
               f" {measured['self_per_hypothesis']:>11} {measured['self_beam']:>11}"
               f" {measured['cross_beam']:>9} {u['ratio_to_mha']:>6.3f}"
               f"  {'=' if u['measured_equals_analytic'] else 'MISMATCH'}")
     print(
         f"\nRTF {stats['rtf']:.4f} over {stats['utterances']} utterances "
         f"({stats['audio_seconds']:.1f} s of audio), {stats['decode_seconds_per_utterance']:.3f} s "
-        f"per utterance; largest beam cache {stats['kv_cache_bytes']} B "
+        f"per utterance ({stats['search_seconds_per_utterance']:.3f} s beam search); largest beam cache {stats['kv_cache_bytes']} B "
         f"({stats['kv_cache_ratio_to_mha']:.3f} of MHA's); peak memory "
         f"{stats['peak_memory_bytes'] / 2**20:.1f} MiB ({stats['peak_memory_kind']})"
     )
@@ -374,8 +380,8 @@ def print_table(stats: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
+    logging.getLogger().setLevel(args.log_level.upper())  # also when espnet configured logging
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     set_all_random_seed(args.seed)
