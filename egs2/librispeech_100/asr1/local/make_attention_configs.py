@@ -269,6 +269,7 @@ def header(encoder: str, attention_type: str, recipe: Recipe) -> str:
         f"{encoder.capitalize()} encoder and KV-cached Transformer decoder (cached_transformer),\n"
         f"both with {DESCRIPTIONS[attention_type]}.",
         recipe.about,
+        "Positions: rotary embeddings in encoder and decoder self-attention, in every variant.",
         cache,
         CROSS_ATTENTION_NOTE[attention_type],
     ]
