@@ -1,6 +1,8 @@
 """profile_kv_cache on real models and real speech: models built by ESPnet's ASRTask from the tiny
 attention-variant configs (random weights, saved as training saves them), decoding LibriSpeech
 utterances (or espeak-ng speech when the sample is absent) through ESPnet's Speech2Text.
+<sos/eos> is suppressed in the output layer, so every decode keeps a full beam to the maximum
+length and the frames and tokens at the last step follow by hand from the audio length.
 
 The cache bytes it measures must equal the ones computed here by hand from each config's options;
 MLA and GQA keep the fraction of MHA's cache that their options give; linear attention's state
