@@ -246,6 +246,19 @@ def test_analytic_cache_bytes_equal_measured(variant, dtype):
     assert cache_nbytes(memory.cache) == 2 * cross.cache_bytes(13, dtype)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rotary", [True, False])
+def test_caches_hold_no_memory_beyond_their_entries(variant, rotary):
+    """What a cache keeps alive is its tensors' storages, not just their visible elements: a view
+    of a larger projection would hold all of it."""
+    attention = make(variant, rotary=rotary, dtype=torch.float32)
+    _, cache = attention.causal(torch.randn(2, 3, D_MODEL))
+    memory = attention.memory(torch.randn(2, 7, D_MODEL)) if not rotary else None
+    for held in (cache, None if memory is None else memory.cache):
+        for tensor in held or ():
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 def test_cache_sizes_follow_the_variants_design():
     """Per token: MHA 2 d_model numbers, GQA 2 n_kv head_dim, MLA latent + rope; linear fixed."""
     f32 = torch.float32

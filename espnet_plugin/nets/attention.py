@@ -403,7 +403,10 @@ class MultiHeadLatentAttention(SoftmaxAttention):
 
     def _entries(self, x: torch.Tensor, start: int) -> LatentCache:
         latent, rope_key = self.kv_down(x).split([self.kv_latent_dim, self.rope_dim], dim=-1)
-        return LatentCache(self.kv_norm(latent), self._rotate(rope_key, start))
+        # Without rotary the rope key is an empty view of the whole projection, which would keep
+        # it alive as long as the cache: an empty copy holds nothing.
+        rope_key = self._rotate(rope_key, start) if self.rope_dim else rope_key.clone()
+        return LatentCache(self.kv_norm(latent), rope_key)
 
     def _read(
         self, q: torch.Tensor, cache: LatentCache, mask: Optional[torch.Tensor]

@@ -1,0 +1,144 @@
+"""The attention-variant configs of both recipes: the committed files are the generator's output,
+the variants differ in attention only, and ESPnet's ASRTask builds each one as training does and
+takes a forward/backward step; MLA and GQA keep a quarter of MHA's decoder cache."""
+
+import importlib.util
+import itertools
+
+import pytest
+import torch
+import yaml
+
+import espnet_plugin  # noqa: F401  (registers conformer_x, branchformer_x, cached_transformer)
+from conftest import REPO
+from espnet_plugin.nets.attention import ATTENTION_TYPES
+
+LIBRISPEECH = REPO / "egs2/librispeech_100/asr1"
+ASTERISK = REPO / "egs2/asterisk_en/asr1"
+ENCODERS = ("conformer", "branchformer")
+VARIANTS = ("mha", "mla", "gqa", "linear")
+# recipe dir, file suffix, sampling rate asr.sh gives the frontend
+RECIPES = {"librispeech_100": (LIBRISPEECH, "", "16k"), "asterisk_en": (ASTERISK, "_tiny", "8k")}
+CONFIGS = list(itertools.product(RECIPES, ENCODERS, VARIANTS))
+ATTENTION_KEYS = {
+    "encoder_conf": ("attention_type", "attention_conf"),
+    "decoder_conf": (
+        "self_attention_type",
+        "self_attention_conf",
+        "src_attention_type",
+        "src_attention_conf",
+    ),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small batches on a shared 2-core machine: one thread avoids OpenMP threads waiting on
+    each other (ten times slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config_path(recipe: str, encoder: str, variant: str):
+    folder, suffix, _ = RECIPES[recipe]
+    return folder / "conf" / "tuning" / f"train_asr_{encoder}_{variant}{suffix}.yaml"
+
+
+def load(recipe: str, encoder: str, variant: str) -> dict:
+    return yaml.safe_load(config_path(recipe, encoder, variant).read_text())
+
+
+def test_committed_configs_are_the_generated_ones():
+    spec = importlib.util.spec_from_file_location(
+        "make_attention_configs", LIBRISPEECH / "local" / "make_attention_configs.py"
+    )
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    generated = generator.configs()
+    assert sorted(generated) == sorted(config_path(*config) for config in CONFIGS)
+    for path, text in generated.items():
+        assert path.read_text() == text, f"{path} differs: run {generator.__file__}"
+
+
+@pytest.mark.parametrize("recipe, encoder", list(itertools.product(RECIPES, ENCODERS)))
+def test_variants_differ_in_attention_only(recipe, encoder):
+    def without_attention(config: dict) -> dict:
+        for section, keys in ATTENTION_KEYS.items():
+            config[section] = {k: v for k, v in config[section].items() if k not in keys}
+        return config
+
+    configs = {variant: load(recipe, encoder, variant) for variant in VARIANTS}
+    for variant, config in configs.items():
+        assert config["encoder"] == f"{encoder}_x" and config["decoder"] == "cached_transformer"
+        assert config["encoder_conf"]["attention_type"] == variant
+        assert config["decoder_conf"]["self_attention_type"] == variant
+    shared = [without_attention(config) for config in configs.values()]
+    assert all(config == shared[0] for config in shared[1:])
+
+
+def test_librispeech_variants_are_of_equal_size():
+    for encoder, variant in itertools.product(ENCODERS, VARIANTS):
+        config = load("librispeech_100", encoder, variant)
+        assert config["encoder_conf"]["output_size"] == 256
+        assert config["encoder_conf"]["num_blocks"] == 12
+        assert config["decoder_conf"]["num_blocks"] == 6
+
+
+def quarter_of_mha(attention_type: str, options: dict, d_model: int, heads: int) -> float:
+    """Cache per token against MHA's 2 * d_model numbers, by hand from the YAML options."""
+    if attention_type == "gqa":
+        return options["n_kv_heads"] / heads
+    if attention_type == "mla":
+        return (options["kv_latent_dim"] + options.get("rope_dim", 0)) / (2 * d_model)
+    assert attention_type == "mha"
+    return 1.0
+
+
+@pytest.fixture(scope="module")
+def token_list(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokens") / "tokens.txt"
+    path.write_text("\n".join(["<blank>", "<unk>", *"abcdefghijklmnopqrstuvwxyz", "<sos/eos>"]))
+    return path
+
+
+@pytest.mark.parametrize("recipe, encoder, variant", CONFIGS)
+def test_config_builds_and_trains_a_step(recipe, encoder, variant, token_list):
+    from espnet2.tasks.asr import ASRTask
+
+    config = config_path(recipe, encoder, variant)
+    rate = RECIPES[recipe][2]
+    args = ASRTask.get_parser().parse_args(
+        ["--config", str(config), "--token_list", str(token_list), "--frontend_conf", f"fs={rate}"]
+    )
+    torch.manual_seed(0)
+    model = ASRTask.build_model(args).train()
+    samples = 16000 if rate == "16k" else 8000
+    speech = torch.randn(2, samples)
+    speech_lengths = torch.tensor([samples, samples * 3 // 4])
+    text = torch.randint(2, 28, (2, 6))
+    text_lengths = torch.tensor([6, 4])
+    loss, stats, _ = model(speech, speech_lengths, text, text_lengths)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert stats["loss_att"] is not None and stats["loss_ctc"] is not None
+    for part in (model.encoder.blocks, model.decoder.decoders):
+        for name, param in part.named_parameters():
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+    options = yaml.safe_load(config.read_text())
+    d_model, heads = args.encoder_conf["output_size"], args.decoder_conf["attention_heads"]
+    for layer in model.decoder.decoders:
+        assert isinstance(layer.self_attn, ATTENTION_TYPES[variant])
+        mha = 2 * d_model * 4  # float32 bytes per token
+        for use, rotary in (("self", True), ("src", False)):
+            attention = getattr(layer, f"{use}_attn")
+            kind = options["decoder_conf"][f"{use}_attention_type"]
+            if kind == "linear":
+                continue
+            conf = options["decoder_conf"].get(f"{use}_attention_conf", {})
+            expected = quarter_of_mha(kind, conf, d_model, heads)
+            assert attention.cache_bytes(1) / mha == expected
+            if variant in ("mla", "gqa"):
+                assert expected == 0.25
