@@ -156,10 +156,12 @@ split_keys() {  # split_keys <scp> <n> <out prefix>: n key files <out prefix>.1 
     echo "${n}"
 }
 run_jobs() {  # run_jobs <n> <log prefix> <command with JOB>: n parallel jobs, fails if any fails
-    local n=$1 prefix=$2 pids=() failed=0 i
+    local n=$1 prefix=$2 pids=() failed=0 i threads
     shift 2
+    # Share the cores among the jobs: oversubscribed OpenMP threads spin and slow torch ~10x.
+    threads=${OMP_NUM_THREADS:-$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))}
     for i in $(seq 1 "${n}"); do
-        ( "${@//JOB/${i}}" ) > "${prefix}.${i}.log" 2>&1 &
+        ( export OMP_NUM_THREADS=${threads}; "${@//JOB/${i}}" ) > "${prefix}.${i}.log" 2>&1 &
         pids+=($!)
     done
     for i in "${!pids[@]}"; do wait "${pids[$i]}" || { failed=1; log "job $((i + 1)) failed: see ${prefix}.$((i + 1)).log"; }; done
