@@ -64,6 +64,13 @@ def test_every_stage_leaves_its_outputs(recipe):
     assert "test" in report
 
 
+def test_conmamba_training_loss_goes_down_on_real_speech(recipe):
+    log = (recipe / ASR_EXP / "train.log").read_text()
+    losses = [float(m) for m in re.findall(r"\d+epoch results: \[train\].*? loss=([0-9.]+)", log)]
+    assert len(losses) == 2, losses
+    assert losses[1] < 0.9 * losses[0], f"training loss per epoch: {losses}"
+
+
 def test_wer_file_parses_and_matches_the_hypotheses(recipe):
     dset = "test"
     decode = recipe / ASR_EXP / DECODE / dset
