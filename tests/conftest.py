@@ -1,13 +1,17 @@
 """Shared fixtures: paths of the repository, its recipes and the optional real-speech sample."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_ASR = REPO / "egs2" / "TEMPLATE" / "asr1" / "asr.sh"
-# A user's clone has no ../shared; tests that use it skip when it is absent.
-LIBRISPEECH_MINI = REPO.parent / "shared" / "data" / "LibriSpeech-mini"
+# A user's clone has no ../shared; tests that use it skip when it is absent. A git worktree
+# elsewhere points the LIBRISPEECH_MINI environment variable at it.
+LIBRISPEECH_MINI = Path(
+    os.environ.get("LIBRISPEECH_MINI", REPO.parent / "shared" / "data" / "LibriSpeech-mini")
+)
 
 
 @pytest.fixture

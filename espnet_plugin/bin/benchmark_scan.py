@@ -58,19 +58,21 @@ def mamba_inputs(batch, d_inner, d_state, length, device, requires_grad):
     return [x[name].to(device).requires_grad_(requires_grad) for name in order]
 
 
+def elapsed_ms(fn, device):
+    """Wall time of one call of ``fn`` in milliseconds, queued CUDA work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def time_call(fn, device, repeats):
     """Median wall time in milliseconds over ``repeats`` runs after one warm-up run."""
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i > 0:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    fn()
+    return statistics.median(elapsed_ms(fn, device) for _ in range(repeats))
 
 
 def benchmark(impl, shape, device, backward, repeats):

@@ -38,11 +38,10 @@ def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tens
     # 1. Every chunk from a zero state: the state it ends in and the product of its a's.
     # Products that become subnormal are flushed to zero: arithmetic on subnormals is many
     # times slower on CPUs, and a subnormal decay cannot move a state of ordinary size.
-    end, decay = torch.zeros_like(b_c[:, :, 0]), torch.ones_like(a_c[:, :, 0])
-    tiny = torch.finfo(a.dtype).tiny
+    end = torch.zeros_like(b_c[:, :, 0])
     for k in steps:
         end = torch.addcmul(b_c[:, :, k], a_c[:, :, k], end)
-        F.threshold_(decay.mul_(a_c[:, :, k]), tiny, 0.0)
+    decay = F.threshold_(a_c.prod(dim=2), torch.finfo(a.dtype).tiny, 0.0)
     # 2. The state entering each chunk, chained from chunk to chunk (the only sequential part).
     start = torch.zeros_like(end)
     for j in range(chunks - 2, -1, -1) if reverse else range(1, chunks):
@@ -107,7 +106,10 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # Frames are scanned in blocks of about this many (batch x frame x d x n) states: the memory
 # in flight stays bounded for any length and small enough to be reused from the allocator.
-BLOCK_STATES = 2**20
+# On a CPU a block's tensors (1 MiB each in float32) stay in a core's L2 cache between the
+# steps of the scan: up to 1.5x faster on one core than blocks of 2**20 (benchmark_scan).
+BLOCK_STATES = 2**18
+GPU_BLOCK_STATES = 2**20
 
 
 class _TimeMajor(NamedTuple):
@@ -131,7 +133,8 @@ class _TimeMajor(NamedTuple):
 
     def blocks(self) -> list[slice]:
         batch, length, d_inner = self.u.shape
-        size = max(1, BLOCK_STATES // (batch * d_inner * self.A.shape[1]))
+        states = BLOCK_STATES if self.u.device.type == "cpu" else GPU_BLOCK_STATES
+        size = max(1, states // (batch * d_inner * self.A.shape[1]))
         return [slice(s, min(s + size, length)) for s in range(0, length, size)]
 
     def states(self, block: slice, start: torch.Tensor):
