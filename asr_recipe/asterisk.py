@@ -21,6 +21,7 @@ from pathlib import Path
 from asr_recipe.kaldi_data import (
     DataDir,
     DataPrepError,
+    add_overwrite_option,
     audio_info,
     run_cli,
     write_data_dir,
@@ -220,11 +221,7 @@ def get_parser() -> argparse.ArgumentParser:
         default=None,
         help="use the two .deb files in this folder instead of apt-get download",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace existing data dirs that differ from this preparation",
-    )
+    add_overwrite_option(parser)
     return parser
 
 

@@ -26,6 +26,7 @@ from asr_recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
     DataPrepError,
+    add_overwrite_option,
     audio_info,
     conflicts,
     read_data_dir,
@@ -218,11 +219,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="e.g. '0.9 1.0 1.1'; 1.0 keeps the original utterances",
     )
     parser.add_argument("--nj", type=int, default=1, help="processes writing perturbed audio")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output that differs from this one",
-    )
+    add_overwrite_option(parser)
     return parser
 
 

@@ -237,6 +237,15 @@ def audio_info(path: str | Path, context: str):
         raise DataPrepError(f"{context}: cannot read audio file {path}: {err}") from err
 
 
+def add_overwrite_option(parser) -> None:
+    """The one way a data-prep command may replace different, existing output: on request."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output that differs from what this run would write",
+    )
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a data-prep command: bad input ends it with its message and status 1, no traceback."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)

@@ -18,6 +18,7 @@ from pathlib import Path
 from asr_recipe.kaldi_data import (
     DataDir,
     DataPrepError,
+    add_overwrite_option,
     audio_info,
     combine,
     run_cli,
@@ -204,11 +205,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="where downloaded archives are kept (default: --librispeech_dir)",
     )
     parser.add_argument("--url_base", default=OPENSLR_URL)
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace existing data dirs that differ from this preparation",
-    )
+    add_overwrite_option(parser)
     return parser
 
 
