@@ -19,7 +19,16 @@ class ESPnetAuxLossASRModel(ESPnetASRModel):
     Stats gain ``<module path>.<name>`` entries (e.g. ``encoder.chunking.compression``) and
     ``loss`` becomes the total that is optimised. Keys depend only on the architecture, so every
     DDP rank reports the same ones.
+
+    Auxiliary weights mean what they mean in their papers, next to a loss per token: ESPnet's loss
+    sums over each utterance's tokens (``length_normalized_loss: false``, its default), so the aux
+    losses are multiplied by the batch's mean token count. Without that, H-Net's ratio weight 0.03
+    would be some 50 times weaker here than in the paper, and the router would barely move.
     """
+
+    def __init__(self, *args, length_normalized_loss: bool = False, **kwargs):
+        super().__init__(*args, length_normalized_loss=length_normalized_loss, **kwargs)
+        self.length_normalized_loss = length_normalized_loss
 
     def forward(
         self,
@@ -33,7 +42,8 @@ class ESPnetAuxLossASRModel(ESPnetASRModel):
         collect_aux(self)
         loss, stats, weight = super().forward(speech, speech_lengths, text, text_lengths, **kwargs)
         aux = collect_aux(self)
-        loss = loss + sum(aux.losses.values())
+        tokens = 1.0 if self.length_normalized_loss else text_lengths.float().mean()
+        loss = loss + tokens * sum(aux.losses.values())
         stats = {**stats, **aux.stats, "loss": loss.detach()}
         # super() already made loss/stats/weight gatherable; this does the same for the aux stats.
         return force_gatherable((loss, stats, weight), loss.device)

@@ -92,12 +92,18 @@ def expected_aux(encoder: ChunkingEncoder, data: dict) -> dict[str, torch.Tensor
     return {
         "ratio": encoder.chunking.ratio_loss(state),
         "compression": state.kept.sum() / lengths.sum(),
+        "boundaries": state.boundary.sum() / lengths.sum(),
         "activity": out[valid].pow(2).mean(),
     }
 
 
 def weighted_sum(aux: dict[str, torch.Tensor]) -> torch.Tensor:
     return RATIO_WEIGHT * aux["ratio"] + ACTIVITY_WEIGHT * aux["activity"]
+
+
+# ESPnet's loss sums over each utterance's tokens, so aux losses count once per token:
+# batch() has 4 and 3 tokens.
+MEAN_TOKENS = 3.5
 
 
 def test_loss_adds_the_weighted_aux_losses_and_stats_report_them():
@@ -108,12 +114,14 @@ def test_loss_adds_the_weighted_aux_losses_and_stats_report_them():
     espnet_loss, espnet_stats, _ = espnet(**data)
     loss, stats, weight = ours(**data)
 
-    torch.testing.assert_close(loss, espnet_loss + weighted_sum(expected))
+    torch.testing.assert_close(loss, espnet_loss + MEAN_TOKENS * weighted_sum(expected))
     assert loss.requires_grad and loss.shape == (1,)
     assert torch.equal(stats["loss"], loss.detach())
     torch.testing.assert_close(stats["encoder.chunking.ratio_loss"], expected["ratio"][None])
     compression = stats["encoder.chunking.compression"]
     torch.testing.assert_close(compression, expected["compression"][None])
+    boundaries = stats["encoder.chunking.boundary_ratio"]
+    torch.testing.assert_close(boundaries, expected["boundaries"][None])
     torch.testing.assert_close(stats["encoder.activity"], expected["activity"][None])
     for name, value in espnet_stats.items():
         if name != "loss" and value is not None:
@@ -135,7 +143,17 @@ def test_aux_loss_gradient_reaches_the_router():
     aux = expected_aux(encoder, data)
     aux_grad = grad_of(weighted_sum(aux))
     assert aux_grad.abs().sum() > 0
-    torch.testing.assert_close(grad_of(ours(**data)[0]), grad_of(espnet(**data)[0]) + aux_grad)
+    torch.testing.assert_close(grad_of(ours(**data)[0]), grad_of(espnet(**data)[0]) + MEAN_TOKENS * aux_grad)
+
+
+def test_a_length_normalized_loss_adds_the_aux_losses_once():
+    encoder = ChunkingEncoder()
+    parts = model_parts(encoder)
+    espnet = ESPnetASRModel(**parts, length_normalized_loss=True).eval()
+    ours = ESPnetAuxLossASRModel(**parts, length_normalized_loss=True).eval()
+    data = batch()
+    expected = expected_aux(encoder, data)
+    torch.testing.assert_close(ours(**data)[0], espnet(**data)[0] + weighted_sum(expected))
 
 
 def test_records_from_outside_the_forward_pass_are_dropped():
@@ -147,7 +165,7 @@ def test_records_from_outside_the_forward_pass_are_dropped():
     expected = expected_aux(encoder, data)
     loss, stats, _ = ours(**data)
     assert not any(name.startswith("stray.") for name in stats)
-    torch.testing.assert_close(loss, espnet(**data)[0] + weighted_sum(expected))
+    torch.testing.assert_close(loss, espnet(**data)[0] + MEAN_TOKENS * weighted_sum(expected))
 
 
 def test_without_aux_layers_it_is_espnet_model():
@@ -186,8 +204,10 @@ def test_collect_aux_names_records_by_module_path():
     report = collect_aux(model)
     assert sorted(report.losses) == ["a.ratio_loss", "b.c.ratio_loss"]
     assert sorted(report.stats) == [
+        "a.boundary_ratio",
         "a.compression",
         "a.ratio_loss",
+        "b.c.boundary_ratio",
         "b.c.compression",
         "b.c.ratio_loss",
     ]

@@ -287,6 +287,7 @@ def test_min_lengths_keeps_the_most_likely_extra_frames():
     ]
     assert chunk_lengths.tolist() == [1, 3, 5]
     assert state.compression_ratio.item() == pytest.approx(9 / 15)
+    assert state.boundary_ratio.item() == pytest.approx(3 / 15)
     # The ratio loss judges the router's own decisions: one boundary per utterance.
     _, _, plain = layer.chunk(x, lengths)
     assert layer.ratio_loss(state) == layer.ratio_loss(plain)

@@ -29,7 +29,7 @@ def relative_error(x, ref):
 
 # 1, 2 and primes: never a multiple of a chunk length; 2000 and 3001 for long sequences.
 @pytest.mark.parametrize("length", [1, 2, 3, 7, 31, 97, 2000, 3001])
-def test_forward_matches_sequential_float64(length):
+def test_forward_matches_sequential_float64(length, scan_path):
     a, b = random_inputs((2, length, 3), torch.float64)
     torch.testing.assert_close(
         linear_recurrence(a, b), sequential_recurrence(a, b), rtol=1e-12, atol=1e-12
@@ -37,7 +37,7 @@ def test_forward_matches_sequential_float64(length):
 
 
 @pytest.mark.parametrize("length", [5, 53, 2000])
-def test_gradients_match_sequential_float64(length):
+def test_gradients_match_sequential_float64(length, scan_path):
     a, b = random_inputs((2, length, 2, 3), torch.float64, seed=1)
     weight = torch.randn(a.shape, dtype=torch.float64)  # a non-uniform upstream gradient
     grads = []
@@ -54,7 +54,7 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(linear_recurrence, (a.requires_grad_(), b.requires_grad_()))
 
 
-def test_float32_long_sequence_relative_error():
+def test_float32_long_sequence_relative_error(scan_path):
     a, b = random_inputs((2, 3001, 8), torch.float32, seed=3)
     ref = sequential_recurrence(a.double(), b.double())
     assert relative_error(linear_recurrence(a, b), ref) < 1e-5
@@ -68,7 +68,7 @@ def test_float32_long_sequence_relative_error():
     assert relative_error(b32.grad, b64.grad) < 1e-5
 
 
-def test_zero_decay_resets_state():
+def test_zero_decay_resets_state(scan_path):
     """a_t == 0 forgets everything before t: h_t == b_t exactly, and no NaN/inf anywhere."""
     a, b = random_inputs((1, 50, 4), torch.float32, seed=4)
     a[:, 20] = 0

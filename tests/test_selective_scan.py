@@ -66,7 +66,7 @@ def block_states(request, monkeypatch):
 
 @pytest.mark.parametrize("length", [1, 4, 23])
 @pytest.mark.parametrize("options", ["all", "bare"])
-def test_matches_reference_float64(block_states, length, options):
+def test_matches_reference_float64(block_states, scan_path, length, options):
     inputs = make_inputs(3, 6, 4, length)
     if options == "all":
         kwargs = {"delta_softplus": True}
@@ -82,7 +82,7 @@ def test_matches_reference_float64(block_states, length, options):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
-def test_gradcheck(block_states):
+def test_gradcheck(block_states, scan_path):
     inputs = make_inputs(3, 6, 4, 12, seed=1)
     leaves = [inputs[k].requires_grad_() for k in NAMES]
 

@@ -1,6 +1,6 @@
 """The small real-speech recipe end to end with a tiny ConMamba, then what a user does with its
 model: reload the saved config (registration round trip), decode, pack; train with two CPU
-processes (DDP, gloo); resume an interrupted training.
+processes (DDP, gloo); resume an interrupted training; train dynamic chunking on BPE units.
 
 The recipe runs once per session on real recorded prompts that `apt-get download` fetches
 (cached in pytest's cache dir, so a re-run does not download again).
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import soundfile
+import yaml
 
 from conftest import REPO, TEMPLATE_ASR
 
 RECIPE = REPO / "egs2" / "asterisk_en" / "asr1"
 TINY = "conf/train_asr_tiny.yaml"
-ASR_EXP = "exp/asr_train_asr_tiny_raw_en_bpe150"
+ASR_EXP = "exp/asr_train_asr_tiny_raw_en_char_sp"
 DECODE = "decode_asr_asr_model_valid.acc.ave"
 FAST_DECODING = "--beam_size 1 --maxlenratio 0.1"
 
@@ -53,11 +54,12 @@ def test_every_stage_leaves_its_outputs(recipe):
     for dset in ("train", "dev", "test"):
         for name in ("wav.scp", "text", "utt2spk", "spk2utt"):
             assert (recipe / "data" / dset / name).stat().st_size > 0
+    for dset in ("train_sp", "dev", "test"):
         assert (recipe / "dump" / "raw" / dset / "utt2num_samples").is_file()
-    assert (recipe / "data/en_token_list/bpe_unigram150/bpe.model").is_file()
-    tokens = (recipe / "data/en_token_list/bpe_unigram150/tokens.txt").read_text().split()
+    tokens = (recipe / "data/en_token_list/char/tokens.txt").read_text().split()
     assert tokens[:2] == ["<blank>", "<unk>"] and tokens[-1] == "<sos/eos>"
-    assert (recipe / "exp/asr_stats_raw_en_bpe150/train/feats_stats.npz").is_file()
+    assert {"A", "Z", "<space>"} <= set(tokens)
+    assert (recipe / "exp/asr_stats_raw_en_char_sp/train/feats_stats.npz").is_file()
     assert (recipe / ASR_EXP / "valid.acc.ave.pth").is_file()
     assert len(list((recipe / "exp" / "logs").glob("asr.sh.*.log"))) >= 1
     report = (recipe / "exp/report/RESULTS.md").read_text()
@@ -113,8 +115,7 @@ def test_saved_config_reloads_the_plugin_encoder_and_decodes(recipe, monkeypatch
     subprocess.run([sys.executable, "-m", "espnet2.bin.pack", "asr",
                     "--asr_train_config", str(exp / "config.yaml"),
                     "--asr_model_file", str(exp / "valid.acc.ave.pth"),
-                    "--option", "exp/asr_stats_raw_en_bpe150/train/feats_stats.npz",
-                    "--option", "data/en_token_list/bpe_unigram150/bpe.model",
+                    "--option", "exp/asr_stats_raw_en_char_sp/train/feats_stats.npz",
                     "--outpath", str(packed)], check=True, cwd=recipe, capture_output=True)
     unpacked = recipe.parent / "unpacked"
     with zipfile.ZipFile(packed) as archive:
@@ -157,7 +158,7 @@ def test_audio_is_real_speech(recipe):
 def test_language_model_stages_train_an_lm_that_fuses_into_decoding(recipe, monkeypatch):
     run(recipe, "--stage", "6", "--stop_stage", "7", "--asr_config", TINY, "--use_lm", "true",
         "--lm_config", "conf/train_lm_tiny.yaml")
-    lm_exp = recipe / "exp/lm_train_lm_tiny_en_bpe150"
+    lm_exp = recipe / "exp/lm_train_lm_tiny_en_char"
     assert "2epoch results" in (lm_exp / "train.log").read_text()
 
     from espnet2.bin.asr_inference import Speech2Text
@@ -171,3 +172,24 @@ def test_language_model_stages_train_an_lm_that_fuses_into_decoding(recipe, monk
                         lm_weight=0.3, beam_size=2, ctc_weight=0.3, maxlenratio=0.1)
     assert "lm" in fused.beam_search.full_scorers
     assert isinstance(fused(speech)[0][0], str)
+
+
+def test_dynamic_chunking_learns_to_keep_half_the_frames_on_real_speech(recipe, tmp_path):
+    """The tiny ConMamba with H-Net chunking after its first block, on BPE units (sentencepiece),
+    the encoder output left compressed: the router starts with almost no boundaries and the
+    ratio loss (H-Net's weight 0.03) brings the share of boundary frames to the target 0.5."""
+    config = yaml.safe_load((recipe / TINY).read_text())
+    config["model"] = "espnet_aux"
+    config["encoder_conf"]["dynamic_chunking"] = {
+        "after_block": 1, "target_ratio": 0.5, "ratio_loss_weight": 0.03, "output": "compressed",
+    }
+    config["max_epoch"] = 6
+    (tmp_path / "dc.yaml").write_text(yaml.safe_dump(config))
+    run(recipe, "--stage", "3", "--stop_stage", "5", "--token_type", "bpe", "--nbpe", "150",
+        "--asr_config", str(tmp_path / "dc.yaml"), "--asr_tag", "dc")
+    assert (recipe / "data/en_token_list/bpe_unigram150/bpe.model").is_file()
+    log = (recipe / "exp/asr_dc/train.log").read_text()
+    ratios = [float(r) for r in re.findall(
+        r"\d+epoch results: \[train\].*?encoder\.chunking\.boundary_ratio=([0-9.]+)", log)]
+    assert len(ratios) == 6, ratios
+    assert abs(ratios[-1] - 0.5) < 0.5 * abs(ratios[0] - 0.5), f"boundary share per epoch: {ratios}"

@@ -54,6 +54,12 @@ class ChunkState:
         """Kept frames over valid frames, over the whole batch (0-dim)."""
         return self.chunk_lengths.sum() / self.lengths.sum().clamp(min=1)
 
+    @property
+    def boundary_ratio(self) -> torch.Tensor:
+        """The router's own boundaries over valid frames (0-dim): what the ratio loss steers;
+        ``compression_ratio`` also counts the frames that ``min_lengths`` forced in."""
+        return self.boundary.sum() / self.lengths.sum().clamp(min=1)
+
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """Routing and smoothing run in float32 at least: bf16 cosines decide boundaries badly."""
@@ -183,7 +189,11 @@ class DynamicChunking(AuxLossMixin, nn.Module):
         loss = self.ratio_loss(state)
         self.report_aux(
             losses={"ratio_loss": self.ratio_loss_weight * loss},
-            stats={"ratio_loss": loss, "compression": state.compression_ratio},
+            stats={
+                "ratio_loss": loss,
+                "compression": state.compression_ratio,
+                "boundary_ratio": state.boundary_ratio,
+            },
         )
         return x_chunked, chunk_lengths, state
 

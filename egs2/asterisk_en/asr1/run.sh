@@ -13,8 +13,8 @@ cd "$(dirname "$0")"
     --train_set train \
     --valid_set dev \
     --test_sets "dev test" \
-    --token_type bpe \
-    --nbpe 150 \
+    --token_type char \
+    --speed_perturb_factors "0.9 1.0 1.1" \
     --asr_config conf/train_asr.yaml \
     --inference_config conf/decode_asr.yaml \
     "$@"
