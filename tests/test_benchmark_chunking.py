@@ -133,3 +133,10 @@ def test_a_model_without_chunking_is_refused(tmp_path, wav_scp):
         main(["--asr_train_config", str(training_config(tmp_path, "plain", None)),
               "--vocab_size", "30", "--wav_scp", str(wav_scp), "--output",
               str(tmp_path / "x.json")])
+
+
+def test_audio_at_another_rate_than_fs_is_refused(tmp_path, wav_scp):
+    with pytest.raises(ValueError, match=r"is 16000 Hz .* expected 8000 Hz mono \(--fs\)"):
+        main(["--asr_train_config", str(training_config(tmp_path, "train", CHUNKING)),
+              "--vocab_size", "30", "--wav_scp", str(wav_scp), "--fs", "8000",
+              "--output", str(tmp_path / "x.json")])

@@ -43,7 +43,6 @@ LIBRISPEECH_MINI = REPO.parent / "shared" / "data" / "LibriSpeech-mini"
 DEFAULT_CONFIG = REPO / "egs2/librispeech_100/asr1/conf/tuning/train_asr_conmamba_dc_small.yaml"
 # Token ids reserved by ESPnet's token lists: blank first, unknown second, <sos/eos> last.
 SPECIAL_TOKENS = ("<blank>", "<unk>", "<sos/eos>")
-SAMPLE_RATE = 16000  # LibriSpeech's, and that of the recipes' front ends
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,6 +58,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--librispeech_dir", type=Path, default=LIBRISPEECH_MINI,
         help="without --wav_scp: decode every .flac under this folder")
     add("--max_utterances", type=int, default=None)
+    add("--fs", type=int, default=16000, help="sample rate the models expect (LibriSpeech: 16000)")
     add("--vocab_size", type=int, default=5000, help="token list size for random weights")
     add("--tokens_per_second", type=float, default=None,
         help="decode exactly this many tokens per second of audio; default: the model's own "
@@ -141,7 +141,7 @@ def warnings_silenced(silenced: bool):
 
 
 def read_utterances(args) -> dict[str, np.ndarray]:
-    """Utterance id -> 16 kHz waveform, from --wav_scp or the .flac files of --librispeech_dir."""
+    """Utterance id -> waveform at --fs, from --wav_scp or the .flac files of --librispeech_dir."""
     if args.wav_scp is not None:
         paths = read_2columns_text(args.wav_scp)
     else:
@@ -152,9 +152,9 @@ def read_utterances(args) -> dict[str, np.ndarray]:
     utterances = {}
     for key, path in list(paths.items())[: args.max_utterances]:
         wave, rate = soundfile_read(path, dtype=np.float32)
-        if rate != SAMPLE_RATE or wave.ndim != 1:
+        if rate != args.fs or wave.ndim != 1:
             raise ValueError(f"{path} ({key}) is {rate} Hz with shape {wave.shape}, "
-                             f"expected {SAMPLE_RATE} Hz mono")
+                             f"expected {args.fs} Hz mono (--fs)")
         utterances[key] = wave
     return utterances
 
@@ -260,7 +260,7 @@ def load_ways(args) -> dict[str, Way]:
 def describe(key: str, wave: np.ndarray, model: Speech2Text, args) -> dict:
     """An utterance's length, its compression, and its decoding steps if they are fixed."""
     kept, frames = compression(model.asr_model.encoder, *encoder_input(model, wave))
-    seconds = len(wave) / SAMPLE_RATE
+    seconds = len(wave) / args.fs
     steps = None
     if args.tokens_per_second is not None:
         steps = max(1, round(seconds * args.tokens_per_second))
