@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from espnet_plugin.nets import scan
 
@@ -14,6 +15,29 @@ TEMPLATE_ASR = REPO / "egs2" / "TEMPLATE" / "asr1" / "asr.sh"
 LIBRISPEECH_MINI = Path(
     os.environ.get("LIBRISPEECH_MINI", REPO.parent / "shared" / "data" / "LibriSpeech-mini")
 )
+
+
+# The sampling rate each recipe's asr.sh gives the frontend (its --fs).
+RECIPE_RATES = {"librispeech_100": 16000, "asterisk_en": 8000}
+
+
+@pytest.fixture(scope="session")
+def char_token_list(tmp_path_factory) -> Path:
+    """An ESPnet token list of 26 letters, for building models from recipe configs."""
+    path = tmp_path_factory.mktemp("tokens") / "tokens.txt"
+    path.write_text("\n".join(["<blank>", "<unk>", *"abcdefghijklmnopqrstuvwxyz", "<sos/eos>"]))
+    return path
+
+
+def build_recipe_model(config: Path, rate: int, token_list: Path):
+    """The model of a recipe's training config, built by ESPnet's ASRTask as stage 5 does."""
+    from espnet2.tasks.asr import ASRTask
+
+    args = ASRTask.get_parser().parse_args(
+        ["--config", str(config), "--token_list", str(token_list), "--frontend_conf", f"fs={rate}"]
+    )
+    torch.manual_seed(0)
+    return args, ASRTask.build_model(args)
 
 
 @pytest.fixture

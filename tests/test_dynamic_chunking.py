@@ -321,6 +321,20 @@ def test_invalid_inputs_are_rejected():
         layer.chunk(torch.zeros(2, 3, 5), torch.tensor([3, 3]))
 
 
+def test_without_dechunking_every_parameter_gets_a_gradient():
+    """A chunking-only layer (compressed encoder output) has no residual projection: DDP refuses
+    parameters that get no gradient."""
+    layer = DynamicChunking(4, dechunks=False)
+    assert layer.residual_proj is None
+    x = flip_frames([7, 5], 4, seed=3)
+    x_chunked, _, state = layer.chunk(x, torch.tensor([7, 5]))
+    (x_chunked.sum() + layer.ratio_loss(state)).backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.any(), name
+    with pytest.raises(RuntimeError, match="dechunks=False"):
+        layer.dechunk(x_chunked, state)
+
+
 @pytest.mark.parametrize("init", ["xavier_uniform", "chainer"])
 def test_espnet_init_keeps_identity_router_and_zero_residual(init):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), DynamicChunking(4))

@@ -112,3 +112,25 @@ def test_bad_options_are_named():
 def test_too_short_input_raises_espnet_error():
     with pytest.raises(TooShortUttError):
         ENCODERS["conmamba_shared"]()(torch.randn(1, 5, IDIM), torch.tensor([5]))
+
+
+@pytest.mark.parametrize("output", ["compressed", "dechunked"])
+def test_the_encoder_output_alone_trains_the_router(output):
+    """Without the ratio loss, the gradient of the encoder output reaches the router in both
+    output modes: dechunking's confidence in one, the kept frames' straight-through confidence
+    in the other. The straight-through factor is 1: switched off, the output is the same."""
+    torch.manual_seed(0)
+    chunking = {"after_block": 1, "target_ratio": 0.5, "output": output, "min_keep_ratio": 0.25}
+    encoder = ENCODERS["conmamba_shared"](input_layer="linear", dynamic_chunking=chunking).eval()
+    xs, ilens = torch.randn(2, 30, IDIM), torch.tensor([30, 21])
+    out, olens, _ = encoder(xs, ilens)
+    (out * torch.randn_like(out)).sum().backward()
+    for proj in (encoder.chunking.q_proj, encoder.chunking.k_proj):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    if output == "compressed":
+        assert olens.tolist() < ilens.tolist()  # fewer frames than the linear input layer gives
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("espnet_plugin.nets.encoders.kept_confidence",
+                          lambda state: torch.ones_like(state.kept_index, dtype=torch.float32))
+            plain, _, _ = encoder(xs, ilens)
+        torch.testing.assert_close(plain, out, rtol=0, atol=0)

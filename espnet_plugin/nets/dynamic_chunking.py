@@ -97,6 +97,13 @@ class _OneWithGradient(torch.autograd.Function):
         return grad
 
 
+def kept_confidence(state: "ChunkState") -> torch.Tensor:
+    """(B, M) H-Net's confidence of each chunked frame, p_t (it was kept), as a straight-through
+    1: multiplying a frame by it changes nothing forward and hands the router that frame's
+    gradient."""
+    return _OneWithGradient.apply(state.boundary_prob.gather(1, state.kept_index))
+
+
 class DynamicChunking(AuxLossMixin, nn.Module):
     """Route, chunk and dechunk a padded batch ``(B, L, d_model)`` with per-utterance lengths.
 
@@ -104,9 +111,12 @@ class DynamicChunking(AuxLossMixin, nn.Module):
         d_model: feature size.
         target_ratio: wanted share of kept frames (1/N for an N-fold compression), in (0, 1).
         ratio_loss_weight: weight of the ratio loss in the training loss (H-Net uses 0.03).
+        dechunks: whether ``dechunk`` is used; without it the residual projection, which only
+            dechunking reads, is not created (DDP refuses parameters that get no gradient).
     """
 
-    def __init__(self, d_model: int, target_ratio: float = 0.5, ratio_loss_weight: float = 0.03):
+    def __init__(self, d_model: int, target_ratio: float = 0.5, ratio_loss_weight: float = 0.03,
+                 dechunks: bool = True):
         super().__init__()
         if not 0.0 < target_ratio < 1.0:
             raise ValueError(
@@ -122,7 +132,7 @@ class DynamicChunking(AuxLossMixin, nn.Module):
         self.ratio_loss_weight = ratio_loss_weight
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.residual_proj = nn.Linear(d_model, d_model)
+        self.residual_proj = nn.Linear(d_model, d_model) if dechunks else None
         self.espnet_initialization_fn()
 
     def espnet_initialization_fn(self) -> None:
@@ -133,8 +143,9 @@ class DynamicChunking(AuxLossMixin, nn.Module):
         with torch.no_grad():
             nn.init.eye_(self.q_proj.weight)
             nn.init.eye_(self.k_proj.weight)
-            nn.init.zeros_(self.residual_proj.weight)
-            nn.init.zeros_(self.residual_proj.bias)
+            if self.residual_proj is not None:
+                nn.init.zeros_(self.residual_proj.weight)
+                nn.init.zeros_(self.residual_proj.bias)
 
     def route(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boundary probabilities p_t = (1 - cos(W_q x_t, W_k x_{t-1})) / 2, with p_1 = 1.
@@ -204,6 +215,8 @@ class DynamicChunking(AuxLossMixin, nn.Module):
         the next kept frame, times the confidence c_t = p_t if kept else 1 - p_t through a
         straight-through estimator, plus the residual projection of ``chunk``'s input.
         """
+        if self.residual_proj is None:
+            raise RuntimeError("this DynamicChunking was built with dechunks=False")
         step = state.boundary_prob.gather(1, state.kept_index)[..., None]  # (B, M, 1)
         smoothed = linear_recurrence((1 - step).expand_as(x_chunked), step * _upcast(x_chunked))
         latest_kept = (state.kept.cumsum(1) - 1).clamp(min=0)  # (B, L)

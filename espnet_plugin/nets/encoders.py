@@ -24,7 +24,7 @@ from espnet_plugin.compat import (
 )
 from espnet_plugin.nets.attention import build_attention
 from espnet_plugin.nets.blocks import BranchformerBlock, MacaronBlock
-from espnet_plugin.nets.dynamic_chunking import DynamicChunking
+from espnet_plugin.nets.dynamic_chunking import DynamicChunking, kept_confidence
 from espnet_plugin.nets.mamba import BiMamba
 
 SUBSAMPLING_LAYERS = {
@@ -64,19 +64,21 @@ class ChunkingStage(DynamicChunking):
 
     ``output``: "compressed" leaves the encoder output at the chunked rate (CTC and the decoder's
     cross-attention then work on fewer frames: the inference saving), "dechunked" restores the
-    input rate at the end. ``min_keep_ratio`` keeps at least that fraction of each utterance's
-    frames (highest boundary probability first), the same in training and decoding, so a compressed
-    output stays long enough for CTC: 0.25 of 40 ms frames is 6 frames a second, above the token
-    rate of BPE units in read speech.
+    input rate at the end. A compressed output carries each kept frame's confidence as a
+    straight-through 1, so that the ASR loss reaches the router as H-Net's dechunking lets it
+    (otherwise only the ratio loss would train the router). ``min_keep_ratio`` keeps at least that
+    fraction of each utterance's frames (highest boundary probability first), the same in training
+    and decoding, so a compressed output stays long enough for CTC: 0.25 of 40 ms frames is 6
+    frames a second, above the token rate of BPE units in read speech.
     """
 
     OUTPUTS = ("compressed", "dechunked")
 
     def __init__(self, d_model: int, after_block: int, output: str = "compressed",
                  min_keep_ratio: float = 0.25, **chunking_options):
-        super().__init__(d_model, **chunking_options)
         if output not in self.OUTPUTS:
             raise ValueError(f"unknown dynamic_chunking output '{output}': expected one of {self.OUTPUTS}")
+        super().__init__(d_model, dechunks=output == "dechunked", **chunking_options)
         if not 0.0 <= min_keep_ratio <= 1.0:
             raise ValueError(f"dynamic_chunking min_keep_ratio must be in [0, 1], got {min_keep_ratio}")
         self.after_block = after_block
@@ -87,6 +89,8 @@ class ChunkingStage(DynamicChunking):
         lengths = mask.sum(dim=1)
         min_lengths = torch.ceil(lengths * self.min_keep_ratio).long()
         xs, _, state = self.chunk(xs, lengths, min_lengths=min_lengths)
+        if self.output == "compressed":  # no dechunking to train the router: this does instead
+            xs = xs * kept_confidence(state)[..., None].to(xs.dtype)
         return xs, state.chunk_mask, state
 
 
