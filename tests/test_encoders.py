@@ -128,7 +128,7 @@ def test_the_encoder_output_alone_trains_the_router(output):
     for proj in (encoder.chunking.q_proj, encoder.chunking.k_proj):
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
     if output == "compressed":
-        assert olens.tolist() < ilens.tolist()  # fewer frames than the linear input layer gives
+        assert (olens < ilens).all()  # fewer frames than the linear input layer gives
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("espnet_plugin.nets.encoders.kept_confidence",
                           lambda state: torch.ones_like(state.kept_index, dtype=torch.float32))
