@@ -17,6 +17,17 @@ LIBRISPEECH_MINI = Path(
 )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensor operations on a shared 2-core machine: one thread avoids OpenMP threads
+    waiting on each other (up to ten times slower under load). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # The sampling rate each recipe's asr.sh gives the frontend (its --fs).
 RECIPE_RATES = {"librispeech_100": 16000, "asterisk_en": 8000}
 

@@ -6,7 +6,6 @@ import importlib.util
 import itertools
 
 import pytest
-import torch
 import yaml
 
 import espnet_plugin  # noqa: F401  (registers conformer_x, branchformer_x, cached_transformer)
@@ -31,14 +30,7 @@ ATTENTION_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches on a shared 2-core machine: one thread avoids OpenMP threads waiting on
-    each other (ten times slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config_path(recipe: str, encoder: str, variant: str):

@@ -32,14 +32,7 @@ HOP = 80  # the tiny configs' frontend hop (samples)
 MAXLENRATIO = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Beam-search ops are small: on a shared 2-core machine one thread avoids OpenMP threads
-    waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
