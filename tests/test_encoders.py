@@ -109,6 +109,18 @@ def test_bad_options_are_named():
         ConformerXEncoder(IDIM, cnn_module_kernel=4, **SMALL)
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"output": "upsampled"}, "unknown dynamic_chunking output 'upsampled'"),
+    ({"min_keep_ratio": 1.5}, "min_keep_ratio must be in"),
+    ({"after_block": 2}, "after_block must lie in 1..1, got 2"),
+    ({"target_ratio": 1.0}, "target_ratio must be in"),
+])
+def test_bad_dynamic_chunking_options_are_named(option, message):
+    chunking = {"after_block": 1, **option}
+    with pytest.raises(ValueError, match=message):
+        ENCODERS["conmamba_shared"](dynamic_chunking=chunking)
+
+
 def test_too_short_input_raises_espnet_error():
     with pytest.raises(TooShortUttError):
         ENCODERS["conmamba_shared"]()(torch.randn(1, 5, IDIM), torch.tensor([5]))
