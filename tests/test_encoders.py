@@ -121,6 +121,28 @@ def test_bad_dynamic_chunking_options_are_named(option, message):
         ENCODERS["conmamba_shared"](dynamic_chunking=chunking)
 
 
+def three_block_conmamba(**kw) -> ConMambaEncoder:
+    return ConMambaEncoder(IDIM, output_size=16, num_blocks=3, linear_units=32, cnn_module_kernel=5,
+                           mamba_conf={"d_state": 4}, input_layer="linear", **kw)
+
+
+@pytest.mark.parametrize("output, layer", [("compressed", 1), ("dechunked", 2)])
+def test_intermediate_ctc_at_another_frame_rate_than_the_output_is_refused(output, layer):
+    chunking = {"after_block": 2, "output": output}
+    with pytest.raises(ValueError, match=rf"interctc_layer_idx \[{layer}\] must lie"):
+        three_block_conmamba(interctc_layer_idx=[layer], dynamic_chunking=chunking)
+
+
+@pytest.mark.parametrize("output, layer", [("compressed", 2), ("dechunked", 1)])
+def test_intermediate_ctc_with_chunking_has_the_output_frame_rate(output, layer):
+    encoder = three_block_conmamba(
+        interctc_layer_idx=[layer], dynamic_chunking={"after_block": 2, "output": output})
+    ilens = torch.tensor([30, 21])
+    (out, [(index, inter)]), olens, _ = encoder(torch.randn(2, 30, IDIM), ilens)
+    assert index == layer and inter.shape == out.shape
+    assert torch.equal(olens, ilens) == (output == "dechunked")
+
+
 def test_too_short_input_raises_espnet_error():
     with pytest.raises(TooShortUttError):
         ENCODERS["conmamba_shared"]()(torch.randn(1, 5, IDIM), torch.tensor([5]))

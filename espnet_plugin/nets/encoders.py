@@ -149,6 +149,21 @@ class BlockStackEncoder(AbsEncoder):
                     f"dynamic_chunking after_block must lie in 1..{len(self.blocks) - 1}, "
                     f"got {self.chunking.after_block}"
                 )
+            self._check_interctc_rate()
+
+    def _check_interctc_rate(self) -> None:
+        """ESPnet scores intermediate CTC with the final output's lengths, so every intermediate
+        layer must run at the output's frame rate: after the router when the output stays
+        compressed, before it when the output is dechunked."""
+        compressed = self.chunking.output == "compressed"
+        wrong = [i for i in self.interctc_layer_idx if (i >= self.chunking.after_block) != compressed]
+        if wrong:
+            side = "at or after" if compressed else "before"
+            raise ValueError(
+                f"interctc_layer_idx {wrong} must lie {side} dynamic_chunking after_block "
+                f"{self.chunking.after_block} with output '{self.chunking.output}': ESPnet scores "
+                f"intermediate CTC with the encoder output's lengths"
+            )
 
     def output_size(self) -> int:
         return self._output_size
