@@ -15,6 +15,7 @@ setup(
         "torch>=2.1,<2.13; python_version<'3.12'",
         "torch>=2.1; python_version>='3.12'",
         "torchaudio",
+        "numpy",
         "sentencepiece",
         "jiwer>=3.0",
         "kaldiio",
