@@ -10,11 +10,13 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         # espnet 202511 is the newest for Python 3.11; it pins setuptools<74, which keeps
-        # torch at 2.12.x (torch 2.13 wants setuptools>=77); torchaudio 2.11 loads with it.
+        # torch at 2.12.x (torch 2.13 wants setuptools>=77). torchaudio 2.11.0 loads with it;
+        # 2.11.1 does not (libtorchaudio.so: undefined symbol torch_exception_get_what_...).
         "espnet>=202511",
         "torch>=2.1,<2.13; python_version<'3.12'",
         "torch>=2.1; python_version>='3.12'",
-        "torchaudio",
+        "torchaudio==2.11.0; python_version<'3.12'",
+        "torchaudio; python_version>='3.12'",
         "numpy",
         "sentencepiece",
         "jiwer>=3.0",
