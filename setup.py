@@ -6,7 +6,7 @@ setup(
     name="espnet_plugin",
     version="0.1.0",
     description="ConMamba, H-Net dynamic chunking and KV-efficient attention for ESPnet2 ASR",
-    packages=find_packages(include=["espnet_plugin", "espnet_plugin.*", "asr_recipe", "asr_recipe.*"]),
+    packages=find_packages(include=["espnet_plugin", "espnet_plugin.*"]),
     python_requires=">=3.11",
     install_requires=[
         # espnet 202511 is the newest for Python 3.11; it pins setuptools<74, which keeps

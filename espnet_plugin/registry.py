@@ -3,9 +3,18 @@
 ESPnet builds its command-line parser from module-level ``ClassChoices`` objects in
 ``espnet2.tasks.*``; adding to their ``classes`` dict before a parser is built is all it takes for
 ``encoder: conmamba`` to work in training, inference and when a saved ``config.yaml`` is reloaded.
+
+Importing a task module costs seconds (it imports all of ESPnet's models), so ``import
+espnet_plugin`` does not: it registers into the task modules already imported and installs an
+import hook that registers into the others the moment ESPnet imports them. Recipe steps that need
+no model (scoring, data preparation) then import the package for free.
 """
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from types import ModuleType
 
 from espnet2.train.class_choices import ClassChoices
 
@@ -21,9 +30,6 @@ PLUGIN_CLASSES: dict[str, dict[str, dict[str, str]]] = {
             "cached_transformer": "espnet_plugin.nets.transformer_decoder:CachedTransformerDecoder",
         },
         "model_choices": {"espnet_aux": "espnet_plugin.asr_model:ESPnetAuxLossASRModel"},
-    },
-    "espnet2.tasks.lm": {
-        "lm_choices": {},
     },
 }
 
@@ -50,18 +56,43 @@ def load_class(path: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def register_into(task: ModuleType) -> None:
+    """Add the plugin's classes to the choices of one imported task module."""
+    for choices_attr, entries in PLUGIN_CLASSES[task.__name__].items():
+        for name, path in entries.items():
+            add_choice(getattr(task, choices_attr), name, load_class(path))
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """Runs a task module's own loader, then registers into the module it made."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        register_into(module)
+
+
+class _TaskImportHook(importlib.abc.MetaPathFinder):
+    """Finds a task module as Python would and wraps its loader in a registering one."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in PLUGIN_CLASSES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
 def register() -> None:
-    """Register every plugin class into the ESPnet tasks that exist in this espnet."""
-    for task_module, table in PLUGIN_CLASSES.items():
-        try:
-            task = importlib.import_module(task_module)
-        except ModuleNotFoundError as err:
-            if err.name is None or not task_module.startswith(err.name):
-                raise
-            continue  # this espnet has no such task
-        for choices_attr, entries in table.items():
-            choices = getattr(task, choices_attr, None)
-            if choices is None:
-                continue
-            for name, path in entries.items():
-                add_choice(choices, name, load_class(path))
+    """Register into every task module imported so far, and into the others when imported."""
+    if not any(isinstance(finder, _TaskImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TaskImportHook())
+    for task_module in PLUGIN_CLASSES:
+        if task_module in sys.modules:
+            register_into(sys.modules[task_module])

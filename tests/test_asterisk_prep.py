@@ -9,7 +9,7 @@ import pytest
 import soundfile
 
 from dataprep_helpers import REPO, run_recipe_script, snapshot, write_tone
-from asr_recipe.asterisk import (
+from espnet_plugin.recipe.asterisk import (
     PACKAGES,
     SOUNDS,
     TRANSCRIPTS,
@@ -19,7 +19,7 @@ from asr_recipe.asterisk import (
     prepare,
     split_of,
 )
-from asr_recipe.kaldi_data import DataDirExistsError, DataPrepError, read_data_dir
+from espnet_plugin.recipe.kaldi_data import DataDirExistsError, DataPrepError, read_data_dir
 
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 

@@ -13,7 +13,7 @@ from espnet2.bin.asr_inference import Speech2Text
 from espnet2.tasks.asr import ASRTask
 
 import espnet_plugin  # noqa: F401  (registers the plugin's classes)
-from espnet_plugin.bin.benchmark_chunking import main
+from espnet_plugin.benchmarks.chunking import main
 
 TOKENS = ["<blank>", "<unk>", *"abcdefghijklmnop", "<sos/eos>"]
 ENCODER = {

@@ -2,12 +2,12 @@
 
 import json
 
-from espnet_plugin.bin.benchmark_decoder import main
+from espnet_plugin.benchmarks.decoder import main
 
 
 def test_benchmark_decodes_the_same_steps_and_reports_cache_sizes(tmp_path, capsys):
     output = tmp_path / "bench.json"
-    argv = ["--seconds", "1", "2", "--d-model", "32", "--linear-units", "64", "--layers", "2"]
+    argv = ["--seconds", "1", "2", "--d_model", "32", "--linear_units", "64", "--layers", "2"]
     argv += ["--vocab", "20", "--beam", "3", "--repeats", "1", "--output", str(output)]
     main(argv)
     report = json.loads(output.read_text())

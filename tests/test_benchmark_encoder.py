@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 
-from espnet_plugin.bin.benchmark_encoder import main
+from espnet_plugin.benchmarks.encoder import main
 
 SECONDS = [0.5, 1.0, 2.0]
 

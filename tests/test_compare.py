@@ -1,11 +1,11 @@
-"""asr_recipe.compare: the paired bootstrap against hand-enumerated resampling distributions."""
+"""espnet_plugin.recipe.compare: the paired bootstrap against hand-enumerated resampling distributions."""
 
 import json
 
 import pytest
 
-from asr_recipe.compare import main, paired_bootstrap
-from asr_recipe.score import score
+from espnet_plugin.recipe.compare import main, paired_bootstrap
+from espnet_plugin.recipe.score import score
 
 # u1: 4 words, A right, B two words wrong; u2: 2 words, both one wrong. A resample of two
 # utterances is (u1, u1) with probability 1/4: B - A = 4 errors / 8 words = +50 points;

@@ -14,13 +14,13 @@ import soundfile
 from espnet2.fileio.sound_scp import SoundScpReader
 
 from dataprep_helpers import REPO, find_shared, make_librispeech, run_recipe_script, snapshot
-from asr_recipe.kaldi_data import (
+from espnet_plugin.recipe.kaldi_data import (
     DataDirExistsError,
     DataPrepError,
     read_data_dir,
     run_cli,
 )
-from asr_recipe.librispeech import main, prepare
+from espnet_plugin.recipe.librispeech import main, prepare
 
 MINI = find_shared("data/LibriSpeech-mini")
 needs_mini = pytest.mark.skipif(MINI is None, reason="no shared/data/LibriSpeech-mini here")

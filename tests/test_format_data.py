@@ -9,14 +9,14 @@ import soundfile
 from espnet2.train.dataset import ESPnetDataset
 
 from dataprep_helpers import find_shared, snapshot, write_tone
-from asr_recipe.format_data import format_data, parse_factors
-from asr_recipe.kaldi_data import (
+from espnet_plugin.recipe.format_data import format_data, parse_factors
+from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
     DataPrepError,
     read_data_dir,
 )
-from asr_recipe.librispeech import prepare
+from espnet_plugin.recipe.librispeech import prepare
 
 MINI = find_shared("data/LibriSpeech-mini")
 RATE = 16000

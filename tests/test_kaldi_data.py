@@ -5,7 +5,7 @@ import pytest
 from espnet2.fileio.read_text import read_2columns_text
 
 from dataprep_helpers import snapshot, write_tone
-from asr_recipe.kaldi_data import (
+from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
     DataPrepError,

@@ -20,9 +20,9 @@ import yaml
 from torchaudio.functional import resample
 
 import espnet_plugin  # noqa: F401
-from asr_recipe.report import PLOTTED_EXTRAS, folder_extras
+from espnet_plugin.recipe.report import PLOTTED_EXTRAS, folder_extras
 from conftest import LIBRISPEECH_MINI, REPO
-from espnet_plugin.bin import profile_kv_cache
+from espnet_plugin.benchmarks import kv_cache as profile_kv_cache
 
 TINY = REPO / "egs2/asterisk_en/asr1/conf/tuning"
 TOKENS = ["<blank>", "<unk>", *"abcdefghijklmnopqrstuvwxyz'", " ", "<sos/eos>"]
@@ -123,7 +123,7 @@ def profiles(tmp_path_factory, wav_scp):
         returned = profile(model_dir, wav_scp, out)
         written = json.loads((out / "decode_stats.json").read_text())
         assert written == json.loads(json.dumps(returned))
-        extras = folder_extras(out)  # what asr_recipe.report adds to the decode's row and plots
+        extras = folder_extras(out)  # what espnet_plugin.recipe.report adds to the decode's row and plots
         assert all(isinstance(extras[key], (int, float)) for key in PLOTTED_EXTRAS)
         results[variant] = (written, config)
     return results

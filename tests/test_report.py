@@ -5,8 +5,8 @@ import json
 import pytest
 from matplotlib.image import imread
 
-from asr_recipe import score
-from asr_recipe.report import main
+from espnet_plugin.recipe import score
+from espnet_plugin.recipe.report import main
 
 REF = ["u1 the cat sat on the mat", "u2 good morning to you", "u3 yes"]
 # One hypothesis file per (model, test set); each has a different number of errors.

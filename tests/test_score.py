@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from espnet2.text.char_tokenizer import CharTokenizer
 
-from asr_recipe.score import main, read_kaldi_text, score
+from espnet_plugin.recipe.score import main, read_kaldi_text, score
 
 # Hand-made, LibriSpeech-like transcripts (lower case: sclite ignores case by default).
 SENTENCES = [

@@ -1,1 +1,8 @@
-"""Command-line entry points; each registers the plugin, then runs an ESPnet program."""
+"""Every command of the plugin, run as ``python -m espnet_plugin.bin.<name>``.
+
+``asr_train``, ``asr_inference``, ``lm_train``, ``lm_calc_perplexity``: ESPnet's own programs,
+after the plugin's classes are registered. ``benchmark_scan``, ``benchmark_encoder``,
+``benchmark_decoder``, ``benchmark_chunking``, ``profile_kv_cache``: the plugin's benchmarks and
+profiler (:mod:`espnet_plugin.benchmarks`). The recipe's own steps are
+``python -m espnet_plugin.recipe.<step>``.
+"""

@@ -193,7 +193,7 @@ if runs 2; then
             out=${dumpdir}/raw/${dset}   # keep every utterance of the evaluation sets
         fi
         is_done "${out}" && { log "  ${out}: already formatted"; continue; }
-        ${python} -m asr_recipe.format_data "${opts[@]}" --nj "${nj}" --dst "${out}"
+        ${python} -m espnet_plugin.recipe.format_data "${opts[@]}" --nj "${nj}" --dst "${out}"
         mark_done "${out}"
     done
 fi
@@ -206,7 +206,7 @@ if runs 3; then
         log "  ${token_list}: already made"
     else
         mkdir -p "${token_dir}"
-        ${python} -m asr_recipe.tokenizer --text "${train_dump}/text" \
+        ${python} -m espnet_plugin.recipe.tokenizer --text "${train_dump}/text" \
             --token_type "${token_type}" --out_dir "${token_dir}" \
             --nbpe "${nbpe}" --bpemode "${bpemode}" --char_cover "${bpe_char_cover}"
         mark_done "${token_dir}"
@@ -382,7 +382,7 @@ if runs 9; then
         dir=${asr_exp}/${decode_tag}/${dset}
         require "${dir}/text" "stage 8 (decoding)"
         for unit in word char; do
-            ${python} -m asr_recipe.score --ref "${dumpdir}/raw/${dset}/text" \
+            ${python} -m espnet_plugin.recipe.score --ref "${dumpdir}/raw/${dset}/text" \
                 --hyp "${dir}/text" --unit "${unit}" --name "${dset}" --out_dir "${dir}/score_${unit}"
         done
         log "  ${dset}: $(grep -h . "${dir}/score_word/result.txt" | tail -n 1)"
@@ -392,7 +392,7 @@ fi
 # ---- 10: report ----
 if runs 10; then
     log "Stage 10: comparison report over ${expdir}"
-    ${python} -m asr_recipe.report --exp_dir "${expdir}" --out_dir "${expdir}/report"
+    ${python} -m espnet_plugin.recipe.report --exp_dir "${expdir}" --out_dir "${expdir}/report"
     log "  ${expdir}/report/RESULTS.md"
 fi
 

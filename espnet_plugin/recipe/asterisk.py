@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from asr_recipe.kaldi_data import (
+from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataPrepError,
     add_overwrite_option,

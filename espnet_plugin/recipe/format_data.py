@@ -22,7 +22,7 @@ import soundfile
 import torch
 import torchaudio
 
-from asr_recipe.kaldi_data import (
+from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
     DataPrepError,

@@ -1,4 +1,4 @@
-"""Is system B's WER really different from system A's? ``python -m asr_recipe.compare``.
+"""Is system B's WER really different from system A's? ``python -m espnet_plugin.recipe.compare``.
 
 Paired bootstrap over utterances (Bisani & Ney, 2004): resample the test set's utterances with
 replacement, score both systems on each resample, and read the spread of the difference. On small
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asr_recipe.score import METRIC, UNITS, ScoreResult, read_kaldi_text, score
+from espnet_plugin.recipe.score import METRIC, UNITS, ScoreResult, read_kaldi_text, score
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def paired_bootstrap(a: ScoreResult, b: ScoreResult, samples: int = 2000,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m asr_recipe.compare",
+        prog="python -m espnet_plugin.recipe.compare",
         description="Paired bootstrap of the WER/CER difference between two systems' hypotheses.",
     )
     parser.add_argument("--ref", required=True, help="reference text: utt_id transcript...")

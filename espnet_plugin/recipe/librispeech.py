@@ -15,7 +15,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from asr_recipe.kaldi_data import (
+from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataPrepError,
     add_overwrite_option,

@@ -1,4 +1,4 @@
-"""Compare every scored decode under an exp dir: ``python -m asr_recipe.report``.
+"""Compare every scored decode under an exp dir: ``python -m espnet_plugin.recipe.report``.
 
 Writes into ``--out_dir``: ``RESULTS.md`` (one row per model, decode and test set), ``results.json``
 (the same rows at full precision, with each unit's result.json under ``scores``) and PNG plots.
@@ -29,7 +29,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from asr_recipe.score import UNITS
+from espnet_plugin.recipe.score import UNITS
 
 RESULT_FILE = "result.json"
 SCORE_DIR_PREFIX = "score_"
@@ -92,7 +92,7 @@ def read_result(path: Path) -> dict:
     missing = [key for key in _REQUIRED_RESULT_KEYS if key not in result]
     if missing:
         raise ValueError(
-            f"{path}: lacks {', '.join(missing)}; write it with asr_recipe.score"
+            f"{path}: lacks {', '.join(missing)}; write it with espnet_plugin.recipe.score"
         )
     if result["unit"] not in UNITS:
         raise ValueError(f"{path}: unit must be one of {', '.join(UNITS)}, got {result['unit']!r}")
@@ -265,7 +265,7 @@ def write_report(rows: list[Row], out_dir: str | Path, exp_dir: str | Path) -> l
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m asr_recipe.report",
+        prog="python -m espnet_plugin.recipe.report",
         description="RESULTS.md, results.json and plots over every scored decode under an exp dir.",
     )
     parser.add_argument("--exp_dir", default="exp", help="the recipe's exp folder")

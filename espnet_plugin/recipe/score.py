@@ -1,4 +1,4 @@
-"""Score ASR hypotheses against references: ``python -m asr_recipe.score``.
+"""Score ASR hypotheses against references: ``python -m espnet_plugin.recipe.score``.
 
 Reads two Kaldi-style text files (``utt_id transcript...``; a hypothesis may be empty) and writes
 into ``--out_dir``:
@@ -278,7 +278,7 @@ def write_results(result: ScoreResult, out_dir: str | Path, name: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m asr_recipe.score",
+        prog="python -m espnet_plugin.recipe.score",
         description="WER/CER of Kaldi-style hypothesis text against reference text.",
     )
     parser.add_argument("--ref", required=True, help="reference text: utt_id transcript...")
