@@ -19,7 +19,8 @@ from espnet_plugin.recipe.asterisk import (
     prepare,
     split_of,
 )
-from espnet_plugin.recipe.kaldi_data import DataDirExistsError, DataPrepError, read_data_dir
+from espnet_plugin.cli import UserError
+from espnet_plugin.recipe.kaldi_data import DataDirExistsError, read_data_dir
 
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 
@@ -140,12 +141,12 @@ def test_parse_errors_name_file_and_line(tmp_path):
     path = tmp_path / "core-sounds-en.txt.gz"
     write_transcripts(path, {"beep": "x"}, header="; comment\nno colon on this line\n")
     with pytest.raises(
-        DataPrepError, match=r"core-sounds-en.txt.gz:2: expected 'name: transcript'"
+        UserError, match=r"core-sounds-en.txt.gz:2: expected 'name: transcript'"
     ):
         parse_prompts(path)
     write_transcripts(path, {"beep": "x"}, header="beep: y\n")
     with pytest.raises(
-        DataPrepError, match=r"txt.gz:2: prompt 'beep' is listed twice \(first on line 1\)"
+        UserError, match=r"txt.gz:2: prompt 'beep' is listed twice \(first on line 1\)"
     ):
         parse_prompts(path)
 
@@ -219,14 +220,14 @@ def test_unreadable_recording_names_the_file(tmp_path, debs):
     prepare(tmp_path / "data", tmp_path / "downloads", deb_dir=deb_dir)
     (tmp_path / "downloads/extracted" / SOUNDS / "digits/1.wav").write_bytes(b"RIFF garbage")
     with pytest.raises(
-        DataPrepError, match=r"prompt 'digits/1': cannot read audio file .*digits/1.wav"
+        UserError, match=r"prompt 'digits/1': cannot read audio file .*digits/1.wav"
     ):
         prepare(tmp_path / "data2", tmp_path / "downloads", deb_dir=deb_dir)
 
 
 def test_deb_dir_without_packages(tmp_path):
     with pytest.raises(
-        DataPrepError, match=r"--deb_dir .* must hold asterisk-core-sounds-en-wav_\*.deb"
+        UserError, match=r"--deb_dir .* must hold asterisk-core-sounds-en-wav_\*.deb"
     ):
         prepare(tmp_path / "data", tmp_path / "downloads", deb_dir=tmp_path)
 
@@ -241,7 +242,7 @@ def test_apt_failure_tells_how_to_fix_it(tmp_path, monkeypatch):
     )
     monkeypatch.setenv("APT_CONFIG", str(tmp_path / "apt.conf"))
     with pytest.raises(
-        DataPrepError, match=r"(?s)apt-get download .*failed.*apt-get update.*--deb_dir"
+        UserError, match=r"(?s)apt-get download .*failed.*apt-get update.*--deb_dir"
     ):
         fetch_debs(tmp_path / "downloads")
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from espnet_plugin.cli import UserError
 from espnet_plugin.recipe.compare import main, paired_bootstrap
 from espnet_plugin.recipe.score import score
 
@@ -59,5 +60,5 @@ def test_cli_names_a_hypothesis_that_lacks_utterances(tmp_path):
     ref, hyp = tmp_path / "ref", tmp_path / "hyp"
     ref.write_text("u1 a b\nu2 c\n")
     hyp.write_text("u1 a b\n")
-    with pytest.raises(SystemExit, match=f"hypothesis {hyp} lacks 1 of the 2"):
+    with pytest.raises(UserError, match=f"hypothesis {hyp} lacks 1 of the 2"):
         main(["--ref", str(ref), "--hyp_a", str(ref), "--hyp_b", str(hyp)])

@@ -10,10 +10,10 @@ from espnet2.train.dataset import ESPnetDataset
 
 from dataprep_helpers import find_shared, snapshot, write_tone
 from espnet_plugin.recipe.format_data import format_data, parse_factors
+from espnet_plugin.cli import UserError
 from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
-    DataPrepError,
     read_data_dir,
 )
 from espnet_plugin.recipe.librispeech import prepare
@@ -137,14 +137,14 @@ def test_rerun_is_idempotent_and_never_clobbers(tmp_path):
 
 def test_bad_options(tmp_path):
     src, _ = tone_data_dir(tmp_path, {"a-1": 0.5})
-    with pytest.raises(DataPrepError, match=r"--min_dur 2.0 / --max_dur 1.0"):
+    with pytest.raises(UserError, match=r"--min_dur 2.0 / --max_dur 1.0"):
         format_data(src, tmp_path / "dst", 2.0, 1.0)
-    with pytest.raises(DataPrepError, match=r"--dst .* must differ from --src"):
+    with pytest.raises(UserError, match=r"--dst .* must differ from --src"):
         format_data(src, src, 0.1, 20.0)
-    with pytest.raises(DataPrepError, match=r"--nj 0"):
+    with pytest.raises(UserError, match=r"--nj 0"):
         format_data(src, tmp_path / "dst", 0.1, 20.0, nj=0)
     for spec in ("0.9 fast", "0 1.0", "1.0 1", ""):
-        with pytest.raises(DataPrepError, match="--speed_perturb_factors"):
+        with pytest.raises(UserError, match="--speed_perturb_factors"):
             parse_factors(spec)
     assert parse_factors("0.9 1.0 1.1") == [Fraction(9, 10), 1, Fraction(11, 10)]
 
@@ -152,10 +152,10 @@ def test_bad_options(tmp_path):
 def test_bad_source_dirs(tmp_path):
     src, _ = tone_data_dir(tmp_path, {"a-1": 0.5, "a-2": 0.6})
     (tmp_path / "audio/a-2.wav").write_bytes(b"broken")
-    with pytest.raises(DataPrepError, match=r"wav.scp: utterance 'a-2': cannot read audio file"):
+    with pytest.raises(UserError, match=r"wav.scp: utterance 'a-2': cannot read audio file"):
         format_data(src, tmp_path / "dst", 0.1, 20.0)
     (src / "text").unlink()
-    with pytest.raises(DataPrepError, match=r"missing file .*src/text"):
+    with pytest.raises(UserError, match=r"missing file .*src/text"):
         format_data(src, tmp_path / "dst", 0.1, 20.0)
     assert not (tmp_path / "dst").exists()
 

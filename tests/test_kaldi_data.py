@@ -5,10 +5,10 @@ import pytest
 from espnet2.fileio.read_text import read_2columns_text
 
 from dataprep_helpers import snapshot, write_tone
+from espnet_plugin.cli import UserError
 from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
-    DataPrepError,
     combine,
     read_data_dir,
     write_data_dir,
@@ -81,19 +81,19 @@ def corrupt(tmp_path, name, content):
 def test_missing_file(tmp_path):
     write_data_dir(two_speakers(tmp_path), tmp_path / "d")
     os.remove(tmp_path / "d" / "utt2spk")
-    with pytest.raises(DataPrepError, match=r"missing file .*d/utt2spk"):
+    with pytest.raises(UserError, match=r"missing file .*d/utt2spk"):
         read_data_dir(tmp_path / "d")
 
 
 def test_duplicate_id_names_both_lines(tmp_path):
     d = corrupt(tmp_path, "utt2spk", "a-10 a\na-10 a\na-9 a\n")
-    with pytest.raises(DataPrepError, match=r"utt2spk:2: duplicate id 'a-10' \(first on line 1\)"):
+    with pytest.raises(UserError, match=r"utt2spk:2: duplicate id 'a-10' \(first on line 1\)"):
         read_data_dir(d)
 
 
 def test_unsorted_file_names_line(tmp_path):
     d = corrupt(tmp_path, "wav.scp", "a-9 x.wav\na-10 y.wav\n")
-    with pytest.raises(DataPrepError, match=r"wav.scp:2: 'a-10' comes after 'a-9'.*LC_ALL=C"):
+    with pytest.raises(UserError, match=r"wav.scp:2: 'a-10' comes after 'a-9'.*LC_ALL=C"):
         read_data_dir(d)
 
 
@@ -104,7 +104,7 @@ def test_transcript_without_audio(tmp_path):
     lines = (d / "text").read_text().splitlines()
     (d / "text").write_text("\n".join(lines[:2] + ["a-99 ORPHAN"] + lines[2:]) + "\n")
     with pytest.raises(
-        DataPrepError, match=r"text: utterance 'a-99' is a transcript line with no audio"
+        UserError, match=r"text: utterance 'a-99' is a transcript line with no audio"
     ):
         read_data_dir(d)
 
@@ -114,7 +114,7 @@ def test_empty_transcript(tmp_path):
     write_data_dir(two_speakers(tmp_path), d)
     text = (d / "text").read_text().replace("a-9 WORDS OF A-9", "a-9")
     (d / "text").write_text(text)
-    with pytest.raises(DataPrepError, match=r"text:2: 'a-9' has an empty transcript"):
+    with pytest.raises(UserError, match=r"text:2: 'a-9' has an empty transcript"):
         read_data_dir(d)
     assert read_data_dir(d, allow_empty_text=True).text["a-9"] == ""
 
@@ -122,7 +122,7 @@ def test_empty_transcript(tmp_path):
 def test_spk2utt_must_match_utt2spk(tmp_path):
     d = corrupt(tmp_path, "spk2utt", "a a-10\nb b-Z b-a b-é\n")
     with pytest.raises(
-        DataPrepError, match=r"spk2utt does not match .*utt2spk for speaker 'a'.*a-9"
+        UserError, match=r"spk2utt does not match .*utt2spk for speaker 'a'.*a-9"
     ):
         read_data_dir(d)
 
@@ -130,7 +130,7 @@ def test_spk2utt_must_match_utt2spk(tmp_path):
 def test_speaker_order_must_follow_utterance_order(tmp_path):
     data = two_speakers(tmp_path)
     data.utt2spk = {**data.utt2spk, "a-9": "c"}  # a-9 sorts before b-* but its speaker after
-    with pytest.raises(DataPrepError, match=r"'b-Z' \(speaker 'b'\) sorts after 'a-9'"):
+    with pytest.raises(UserError, match=r"'b-Z' \(speaker 'b'\) sorts after 'a-9'"):
         write_data_dir(data, tmp_path / "d")
     assert not (tmp_path / "d").exists()
 
@@ -139,5 +139,5 @@ def test_combine_keeps_every_utterance_once(tmp_path):
     data = two_speakers(tmp_path)
     a, b = only(data, ["a-10", "a-9"]), only(data, ["b-Z", "b-a", "b-é"])
     assert combine([b, a], "dev") == data
-    with pytest.raises(DataPrepError, match=r"dev: utterance 'a-10' is in two of the combined"):
+    with pytest.raises(UserError, match=r"dev: utterance 'a-10' is in two of the combined"):
         combine([a, data], "dev")

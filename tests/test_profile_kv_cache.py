@@ -1,4 +1,4 @@
-"""profile_kv_cache on real models and real speech: models built by ESPnet's ASRTask from the tiny
+"""profile_kv_cache on real models and real speech: models built by ESPnet's ASRTask from the small
 attention-variant configs (random weights, saved as training saves them), decoding LibriSpeech
 utterances (or espeak-ng speech when the sample is absent) through ESPnet's Speech2Text.
 <sos/eos> is suppressed in the output layer, so every decode keeps a full beam to the maximum
@@ -20,15 +20,16 @@ import yaml
 from torchaudio.functional import resample
 
 import espnet_plugin  # noqa: F401
+from espnet_plugin.cli import UserError
 from espnet_plugin.recipe.report import PLOTTED_EXTRAS, folder_extras
 from conftest import LIBRISPEECH_MINI, REPO
 from espnet_plugin.benchmarks import kv_cache as profile_kv_cache
 
-TINY = REPO / "egs2/asterisk_en/asr1/conf/tuning"
+CONFIGS = REPO / "egs2/asterisk_en/asr1/conf/tuning"
 TOKENS = ["<blank>", "<unk>", *"abcdefghijklmnopqrstuvwxyz'", " ", "<sos/eos>"]
 FLOAT32 = 4
 FS = 16000
-HOP = 80  # the tiny configs' frontend hop (samples)
+HOP = 80  # the small configs' frontend hop (samples)
 MAXLENRATIO = 0.3
 
 
@@ -113,11 +114,11 @@ def entry_numbers(kind: str, options: dict, d_model: int, heads: int, rotary: bo
 
 @pytest.fixture(scope="module")
 def profiles(tmp_path_factory, wav_scp):
-    """decode_stats.json of the tiny Conformer of each attention type, with its config."""
+    """decode_stats.json of the small Conformer of each attention type, with its config."""
     results = {}
     for variant in ("mha", "gqa", "mla", "linear"):
         work = tmp_path_factory.mktemp(variant)
-        config = TINY / f"train_asr_conformer_{variant}_tiny.yaml"
+        config = CONFIGS / f"train_asr_conformer_{variant}_small.yaml"
         model_dir, config = build_model(work / "model", config)
         out = work / "decode" / "test"
         returned = profile(model_dir, wav_scp, out)
@@ -205,16 +206,16 @@ def test_linear_attention_state_does_not_grow_with_length(profiles):
 def test_a_stock_decoder_gets_a_clear_error(tmp_path, wav_scp):
     stock = REPO / "egs2/asterisk_en/asr1/conf/train_asr_tiny.yaml"  # decoder: transformer
     model_dir, _ = build_model(tmp_path / "model", stock)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError) as error:
         profile(model_dir, wav_scp, tmp_path / "out")
-    message = str(exit_info.value)
+    message = str(error.value)
     assert "TransformerDecoder (decoder: transformer)" in message
     assert "needs it" in message and "decoder: cached_transformer" in message
     assert not (tmp_path / "out").exists()
 
 
 def test_a_decode_without_the_decoder_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match=r"--ctc_weight must be in \[0, 1\).*got 1.0"):
+    with pytest.raises(UserError, match=r"--ctc_weight must be in \[0, 1\).*got 1.0"):
         profile_kv_cache.main([
             "--asr_train_config", str(tmp_path / "config.yaml"),
             "--asr_model_file", str(tmp_path / "model.pth"),

@@ -5,6 +5,7 @@ import json
 import pytest
 from matplotlib.image import imread
 
+from espnet_plugin.cli import UserError
 from espnet_plugin.recipe import score
 from espnet_plugin.recipe.report import main
 
@@ -136,9 +137,9 @@ def test_sidecars_add_columns_and_plots(exp, tmp_path):
 
 
 def report_error(exp, tmp_path) -> str:
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError) as error:
         main(["--exp_dir", str(exp), "--out_dir", str(tmp_path / "report")])
-    return str(exit_info.value.code)
+    return str(error.value)
 
 
 def test_nothing_to_report(tmp_path):

@@ -9,7 +9,9 @@ import subprocess
 import pytest
 from espnet2.text.char_tokenizer import CharTokenizer
 
-from espnet_plugin.recipe.score import main, read_kaldi_text, score
+from espnet_plugin.cli import UserError
+from espnet_plugin.recipe.kaldi_data import read_text
+from espnet_plugin.recipe.score import main, score
 
 # Hand-made, LibriSpeech-like transcripts (lower case: sclite ignores case by default).
 SENTENCES = [
@@ -247,10 +249,10 @@ def test_cli_writes_json_table_and_alignments(tmp_path):
 def run_cli_error(tmp_path, ref_lines, hyp_lines, *extra) -> str:
     ref = write_text(tmp_path / "ref", ref_lines)
     hyp = write_text(tmp_path / "hyp", hyp_lines)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError) as error:
         main(["--ref", ref, "--hyp", hyp, "--out_dir", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out").exists()
-    return str(exit_info.value.code)
+    return str(error.value)
 
 
 def test_hypothesis_missing_utterances_are_named(tmp_path):
@@ -277,17 +279,17 @@ def test_all_empty_references_leave_the_rate_undefined(tmp_path):
 def test_reading_text_files(tmp_path):
     # An id alone is an empty transcript; only "\n" ends a line (U+2028 stays in the text).
     write_text(tmp_path / "ok", ["u1 a\u2028b", "u2", "u3  two   spaces "])
-    assert read_kaldi_text(tmp_path / "ok") == {"u1": "a\u2028b", "u2": "", "u3": "two   spaces "}
+    assert read_text(tmp_path / "ok") == {"u1": "a\u2028b", "u2": "", "u3": "two   spaces"}
     write_text(tmp_path / "empty", [])
-    assert read_kaldi_text(tmp_path / "empty") == {}
+    assert read_text(tmp_path / "empty") == {}
 
 
 def test_malformed_text_files(tmp_path):
     write_text(tmp_path / "dup", ["u1 a", "u1 b"])
-    with pytest.raises(ValueError, match=r"dup:2: utterance id 'u1' repeats line 1"):
-        read_kaldi_text(tmp_path / "dup")
+    with pytest.raises(ValueError, match=r"dup:2: duplicate id 'u1' \(first on line 1\)"):
+        read_text(tmp_path / "dup")
     write_text(tmp_path / "blank", ["u1 a", "", "u2 b"])
     with pytest.raises(ValueError, match=r"blank:2: empty line"):
-        read_kaldi_text(tmp_path / "blank")
+        read_text(tmp_path / "blank")
     with pytest.raises(ValueError, match="unit must be one of word, char, got 'phone'"):
         score({"u": "a"}, {"u": "a"}, "phone")

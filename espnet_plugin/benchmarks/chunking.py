@@ -32,6 +32,7 @@ from espnet2.tasks.asr import ASRTask
 
 import espnet_plugin  # noqa: F401  (registers the plugin's classes)
 from espnet_plugin.benchmarks.timing import machine_info, median_ms_side_by_side, write_report
+from espnet_plugin.cli import UserError
 from espnet_plugin.nets.aux_loss import collect_aux
 
 # Token ids reserved by ESPnet's token lists: blank first, unknown second, <sos/eos> last.
@@ -71,7 +72,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def random_weight_config(train_config: Path, vocab_size: int, folder: Path) -> Path:
     """A complete config (ESPnet's defaults + ``train_config``) whose token list is made up."""
     if vocab_size <= len(SPECIAL_TOKENS):
-        raise ValueError(f"--vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
+        raise UserError(f"--vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
     args = ASRTask.get_parser().parse_args(["--config", str(train_config), "--token_type", "word"])
     words = [f"token{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
     args.token_list = [SPECIAL_TOKENS[0], SPECIAL_TOKENS[1], *words, SPECIAL_TOKENS[2]]
@@ -86,7 +87,7 @@ def load_model(train_config: Path, model_file: Optional[Path], args, folder: Pat
         raise FileNotFoundError(f"no config file {train_config}")
     if yaml.safe_load(train_config.read_text()).get("token_list") is None:
         if model_file is not None:
-            raise ValueError(f"{train_config} has no token_list: with --asr_model_file, pass the "
+            raise UserError(f"{train_config} has no token_list: with --asr_model_file, pass the "
                              "config.yaml that training saved next to it")
         train_config = random_weight_config(train_config, args.vocab_size, folder)
     torch.manual_seed(args.seed)
@@ -104,7 +105,7 @@ def hold_back_eos(speech2text: Speech2Text) -> None:
     model = speech2text.asr_model
     layer = getattr(model.decoder, "output_layer", None)
     if layer is None or layer.bias is None:
-        raise ValueError(f"--tokens_per_second needs a decoder with a biased output_layer; "
+        raise UserError(f"--tokens_per_second needs a decoder with a biased output_layer; "
                          f"{type(model.decoder).__name__} has none")
     with torch.no_grad():
         layer.bias[model.eos] = -1e4
@@ -138,11 +139,11 @@ def read_utterances(args) -> dict[str, np.ndarray]:
     for key, path in list(read_2columns_text(args.wav_scp).items())[: args.max_utterances]:
         wave, rate = soundfile_read(path, dtype=np.float32)
         if rate != args.fs or wave.ndim != 1:
-            raise ValueError(f"{path} ({key}) is {rate} Hz with shape {wave.shape}, "
+            raise UserError(f"{path} ({key}) is {rate} Hz with shape {wave.shape}, "
                              f"expected {args.fs} Hz mono (--fs)")
         utterances[key] = wave
     if not utterances:
-        raise ValueError(f"--wav_scp {args.wav_scp} lists no utterance")
+        raise UserError(f"--wav_scp {args.wav_scp} lists no utterance")
     return utterances
 
 
@@ -234,7 +235,7 @@ def load_ways(args) -> dict[str, Way]:
     with tempfile.TemporaryDirectory() as folder:
         model = load_model(args.asr_train_config, args.asr_model_file, args, Path(folder))
         if getattr(model.asr_model.encoder, "chunking", None) is None:
-            raise ValueError(f"{args.asr_train_config}: the encoder has no dynamic chunking stage "
+            raise UserError(f"{args.asr_train_config}: the encoder has no dynamic chunking stage "
                              "(encoder_conf: dynamic_chunking)")
         ways = {"chunked": Way(model, bypass=False), "bypassed": Way(model, bypass=True)}
         if args.baseline_asr_train_config is not None:

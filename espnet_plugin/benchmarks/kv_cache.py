@@ -39,6 +39,7 @@ from espnet2.utils.types import str2triple_str, str_or_none
 
 import espnet_plugin  # noqa: F401  (registers the plugin's classes before a config is read)
 from espnet_plugin.benchmarks.timing import machine_info, synchronize, write_report
+from espnet_plugin.cli import UserError
 from espnet_plugin.compat import TooShortUttError
 from espnet_plugin.nets.attention import (
     ATTENTION_TYPES,
@@ -205,7 +206,7 @@ def require_cached_decoder(speech2text: Speech2Text, config: Path) -> CachedTran
     decoder = speech2text.asr_model.decoder
     if not isinstance(decoder, CachedTransformerDecoder):
         name = getattr(speech2text.asr_train_args, "decoder", None)
-        raise ValueError(
+        raise UserError(
             f"{config}: the decoder is {type(decoder).__name__} (decoder: {name}); the profiler "
             "measures the key/value cache of 'decoder: cached_transformer' and needs it. ESPnet's "
             "TransformerDecoder keeps each layer's outputs as its beam-search state, not keys and "
@@ -218,14 +219,14 @@ def require_cached_decoder(speech2text: Speech2Text, config: Path) -> CachedTran
 def sampling_rate(fs: Optional[str], speech2text: Speech2Text, config: Path) -> int:
     """The audio's sampling rate: --fs, else the rate the model's frontend was trained at."""
     if speech2text.asr_model.frontend is None:
-        raise ValueError(
+        raise UserError(
             f"{config}: the model has no frontend (it reads features), but the profiler times "
             "raw audio to give a real-time factor"
         )
     if fs is None:
         fs = (speech2text.asr_train_args.frontend_conf or {}).get("fs")
         if fs is None:
-            raise ValueError(f"{config}: frontend_conf has no fs; give the audio's rate with --fs")
+            raise UserError(f"{config}: frontend_conf has no fs; give the audio's rate with --fs")
     return int(humanfriendly.parse_size(fs) if isinstance(fs, str) else fs)
 
 
@@ -378,10 +379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     set_all_random_seed(args.seed)
-    prog = "profile_kv_cache"
     if not 0.0 <= args.ctc_weight < 1.0:
-        sys.exit(f"{prog}: error: --ctc_weight must be in [0, 1) so that the decoder scores, "
-                 f"got {args.ctc_weight}")
+        raise UserError(f"--ctc_weight must be in [0, 1) so that the decoder scores, "
+                        f"got {args.ctc_weight}")
     speech2text = Speech2Text(
         asr_train_config=args.asr_train_config,
         asr_model_file=args.asr_model_file,
@@ -395,14 +395,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         minlenratio=args.minlenratio,
         nbest=1,
     )
-    try:
-        decoder = require_cached_decoder(speech2text, args.asr_train_config)
-        fs = sampling_rate(args.fs, speech2text, args.asr_train_config)
-    except ValueError as err:
-        sys.exit(f"{prog}: error: {err}")
+    decoder = require_cached_decoder(speech2text, args.asr_train_config)
+    fs = sampling_rate(args.fs, speech2text, args.asr_train_config)
     utterances = decode_all(args, speech2text, decoder, fs)
     if not utterances:
-        sys.exit(f"{prog}: error: no utterance was decoded from {args.data_path_and_name_and_type}")
+        raise UserError(f"no utterance was decoded from {args.data_path_and_name_and_type}")
     stats = summarise(args, speech2text, decoder, utterances)
     print_table(stats)
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -215,7 +215,8 @@ def macaron_blocks(num_blocks: int, d_model: int, make_mixer, linear_units: int,
                    dropout_rate: float, **block_options) -> list[MacaronBlock]:
     """``num_blocks`` Conformer layers, each with a fresh mixer from ``make_mixer()``."""
     return [
-        MacaronBlock(d_model, make_mixer(), linear_units, dropout_rate, **block_options)
+        MacaronBlock(d_model=d_model, mixer=make_mixer(), linear_units=linear_units,
+                     dropout_rate=dropout_rate, **block_options)
         for _ in range(num_blocks)
     ]
 
@@ -249,8 +250,14 @@ class ConMambaEncoder(BlockStackEncoder):
             use_cnn_module=use_cnn_module, cnn_module_kernel=cnn_module_kernel,
         )
         super().__init__(
-            input_size, output_size, blocks, input_layer, dropout_rate,
-            interctc_layer_idx, interctc_use_conditioning, dynamic_chunking,
+            input_size=input_size,
+            output_size=output_size,
+            blocks=blocks,
+            input_layer=input_layer,
+            dropout_rate=dropout_rate,
+            interctc_layer_idx=interctc_layer_idx,
+            interctc_use_conditioning=interctc_use_conditioning,
+            dynamic_chunking=dynamic_chunking,
         )
 
 
@@ -285,8 +292,14 @@ class ConformerXEncoder(BlockStackEncoder):
             use_cnn_module=use_cnn_module, cnn_module_kernel=cnn_module_kernel,
         )
         super().__init__(
-            input_size, output_size, blocks, input_layer, dropout_rate,
-            interctc_layer_idx, interctc_use_conditioning, dynamic_chunking,
+            input_size=input_size,
+            output_size=output_size,
+            blocks=blocks,
+            input_layer=input_layer,
+            dropout_rate=dropout_rate,
+            interctc_layer_idx=interctc_layer_idx,
+            interctc_use_conditioning=interctc_use_conditioning,
+            dynamic_chunking=dynamic_chunking,
         )
 
 
@@ -313,16 +326,22 @@ class BranchformerXEncoder(BlockStackEncoder):
     ):
         blocks = [
             BranchformerBlock(
-                output_size,
-                build_attention(attention_type, output_size, attention_heads,
-                                attention_dropout_rate, **(attention_conf or {})),
-                cgmlp_linear_units,
-                cgmlp_conv_kernel,
-                dropout_rate,
+                d_model=output_size,
+                mixer=build_attention(attention_type, output_size, attention_heads,
+                                      attention_dropout_rate, **(attention_conf or {})),
+                cgmlp_linear_units=cgmlp_linear_units,
+                cgmlp_conv_kernel=cgmlp_conv_kernel,
+                dropout_rate=dropout_rate,
             )
             for _ in range(num_blocks)
         ]
         super().__init__(
-            input_size, output_size, blocks, input_layer, dropout_rate,
-            interctc_layer_idx, interctc_use_conditioning, dynamic_chunking,
+            input_size=input_size,
+            output_size=output_size,
+            blocks=blocks,
+            input_layer=input_layer,
+            dropout_rate=dropout_rate,
+            interctc_layer_idx=interctc_layer_idx,
+            interctc_use_conditioning=interctc_use_conditioning,
+            dynamic_chunking=dynamic_chunking,
         )

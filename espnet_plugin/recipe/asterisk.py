@@ -18,12 +18,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from espnet_plugin.cli import UserError, run
 from espnet_plugin.recipe.kaldi_data import (
     DataDir,
-    DataPrepError,
     add_overwrite_option,
     audio_info,
-    run_cli,
     write_data_dir,
 )
 
@@ -44,7 +43,7 @@ def find_debs(folder: Path) -> list[Path] | None:
     for package in PACKAGES:
         found = sorted(folder.glob(f"{package}_*.deb"))
         if len(found) > 1:
-            raise DataPrepError(f"several {package} packages in {folder}: keep one of {found}")
+            raise UserError(f"several {package} packages in {folder}: keep one of {found}")
         if not found:
             return None
         debs.append(found[0])
@@ -66,7 +65,7 @@ def fetch_debs(download_dir: Path) -> list[Path]:
         problem = "apt-get is not installed"
     debs = find_debs(download_dir)
     if debs is None:
-        raise DataPrepError(
+        raise UserError(
             f"`{' '.join(command)}` failed in {download_dir}: {problem}\n"
             "Run `apt-get update` (as root) so apt knows these packages, or download the two "
             ".deb files yourself (e.g. from packages.debian.org) and pass --deb_dir DIR."
@@ -93,14 +92,14 @@ def extract(debs: list[Path], download_dir: Path) -> Path:
                 text=True,
             )
         except FileNotFoundError as err:
-            raise DataPrepError(
+            raise UserError(
                 "dpkg-deb is not installed; it is needed to unpack .deb files"
             ) from err
         except subprocess.CalledProcessError as err:
-            raise DataPrepError(f"dpkg-deb -x {deb} failed: {err.stderr.strip()}") from err
+            raise UserError(f"dpkg-deb -x {deb} failed: {err.stderr.strip()}") from err
     for needed in (TRANSCRIPTS, SOUNDS):
         if not (scratch / needed).exists():
-            raise DataPrepError(f"{needed} is not in {', '.join(map(str, debs))}")
+            raise UserError(f"{needed} is not in {', '.join(map(str, debs))}")
     if tree.exists():
         shutil.rmtree(tree)  # an incomplete earlier extraction (checked above)
     scratch.rename(tree)
@@ -118,9 +117,9 @@ def parse_prompts(path: Path) -> dict[str, str]:
             name, colon, transcript = line.partition(":")
             name = name.strip()
             if not colon or not name or any(c.isspace() for c in name):
-                raise DataPrepError(f"{path}:{lineno}: expected 'name: transcript', got {line!r}")
+                raise UserError(f"{path}:{lineno}: expected 'name: transcript', got {line!r}")
             if name in prompts:
-                raise DataPrepError(
+                raise UserError(
                     f"{path}:{lineno}: prompt '{name}' is listed twice (first on line "
                     f"{line_of[name]})"
                 )
@@ -168,7 +167,7 @@ def prepare_splits(tree: Path) -> dict[str, tuple[DataDir, float]]:
         info = audio_info(audio, f"prompt '{name}'")
         utt = f"{SPEAKER}-{name.replace('/', '-')}"
         if utt in ids:
-            raise DataPrepError(f"prompts '{ids[utt]}' and '{name}' map to the same id '{utt}'")
+            raise UserError(f"prompts '{ids[utt]}' and '{name}' map to the same id '{utt}'")
         ids[utt] = name
         split = split_of(name)
         data = splits[split]
@@ -178,7 +177,7 @@ def prepare_splits(tree: Path) -> dict[str, tuple[DataDir, float]]:
     logging.info(f"left out {len(no_audio)} prompts with no audio: {no_audio}")
     for split, data in splits.items():
         if not data.wav_scp:
-            raise DataPrepError(
+            raise UserError(
                 f"{tree / TRANSCRIPTS}: no usable prompt falls into split '{split}'"
             )
     return {split: (data, seconds[split]) for split, data in splits.items()}
@@ -193,7 +192,7 @@ def prepare(
     else:
         debs = find_debs(deb_dir)
         if debs is None:
-            raise DataPrepError(
+            raise UserError(
                 f"--deb_dir {deb_dir} must hold {PACKAGES[0]}_*.deb and {PACKAGES[1]}_*.deb"
             )
     splits = prepare_splits(extract(debs, download_dir))
@@ -231,4 +230,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run(main)

@@ -11,13 +11,14 @@ resamples in which B is not worse; ``--out_json`` writes the same.
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from espnet_plugin.recipe.score import METRIC, UNITS, ScoreResult, read_kaldi_text, score
+from espnet_plugin.cli import UserError, run
+from espnet_plugin.recipe.kaldi_data import read_text
+from espnet_plugin.recipe.score import METRIC, UNITS, ScoreResult, score
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ def paired_bootstrap(a: ScoreResult, b: ScoreResult, samples: int = 2000,
                      seed: int = 0) -> Comparison:
     """Resample utterances ``samples`` times; ``a`` and ``b`` score the same references."""
     if [u.utt_id for u in a.utterances] != [u.utt_id for u in b.utterances]:
-        raise ValueError("both systems must be scored on the same utterances, in the same order")
+        raise UserError("both systems must be scored on the same utterances, in the same order")
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise UserError(f"samples must be >= 1, got {samples}")
     errors_a = np.array([u.errors for u in a.utterances])
     errors_b = np.array([u.errors for u in b.utterances])
     ref_lens = np.array([u.ref_len for u in a.utterances])
@@ -72,13 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     parser.add_argument("--out_json", help="also write the comparison here")
     args = parser.parse_args(argv)
-    try:
-        ref = read_kaldi_text(args.ref)
-        a, b = (score(ref, read_kaldi_text(hyp), args.unit, ref_label=f"reference {args.ref}",
-                      hyp_label=f"hypothesis {hyp}") for hyp in (args.hyp_a, args.hyp_b))
-        comparison = paired_bootstrap(a, b, args.samples, args.seed)
-    except (OSError, ValueError) as err:
-        sys.exit(f"{parser.prog}: error: {err}")
+    ref = read_text(args.ref)
+    a, b = (score(ref, read_text(hyp), args.unit, ref_label=f"reference {args.ref}",
+                  hyp_label=f"hypothesis {hyp}") for hyp in (args.hyp_a, args.hyp_b))
+    comparison = paired_bootstrap(a, b, args.samples, args.seed)
     metric = METRIC[args.unit]
     low, high = comparison.interval_95
     print(f"{metric} A {comparison.error_rate_a:.1f}  B {comparison.error_rate_b:.1f}  "
@@ -91,4 +89,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -22,15 +22,14 @@ import soundfile
 import torch
 import torchaudio
 
+from espnet_plugin.cli import UserError, run
 from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
-    DataPrepError,
     add_overwrite_option,
     audio_info,
     conflicts,
     read_data_dir,
-    run_cli,
     write_data_dir,
 )
 
@@ -40,9 +39,9 @@ def parse_factors(spec: str) -> list[Fraction]:
     try:
         factors = [Fraction(token) for token in spec.split()]
     except ValueError as err:
-        raise DataPrepError(f"--speed_perturb_factors {spec!r}: {err}") from err
+        raise UserError(f"--speed_perturb_factors {spec!r}: {err}") from err
     if not factors or any(f <= 0 for f in factors) or len(set(factors)) != len(factors):
-        raise DataPrepError(
+        raise UserError(
             f"--speed_perturb_factors {spec!r}: expected distinct positive numbers "
             "like '0.9 1.0 1.1'"
         )
@@ -164,11 +163,11 @@ def format_data(
     """
     src, dst = Path(src), Path(dst)
     if not 0 <= min_dur < max_dur:
-        raise DataPrepError(f"--min_dur {min_dur} / --max_dur {max_dur}: need 0 <= min < max")
+        raise UserError(f"--min_dur {min_dur} / --max_dur {max_dur}: need 0 <= min < max")
     if src.resolve() == dst.resolve():
-        raise DataPrepError(f"--dst {dst} must differ from --src {src}")
+        raise UserError(f"--dst {dst} must differ from --src {src}")
     if nj < 1:
-        raise DataPrepError(f"--nj {nj}: need at least 1 process")
+        raise UserError(f"--nj {nj}: need at least 1 process")
     out, copies = select(src, dst, min_dur, max_dur, speed_perturb_factors or [Fraction(1)])
     out.check(dst)
     todo = [copy for copy in copies if not copy.exists()]
@@ -237,4 +236,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run(main)

@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import soundfile
 
+from espnet_plugin.cli import UserError
+
 # Files a data dir may hold, in the order they are written.
 DATA_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2num_samples")
-LOG_FORMAT = "%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s"
 
 
-class DataPrepError(RuntimeError):
-    """Bad input to data preparation; the message names the file, line, key or option at fault."""
-
-
-class DataDirExistsError(DataPrepError, FileExistsError):
+class DataDirExistsError(UserError, FileExistsError):
     """The destination already holds different data and overwriting was not asked for."""
 
 
@@ -52,12 +47,12 @@ class DataDir:
         return dict(sorted(spk2utt.items()))
 
     def check(self, where: str | Path, allow_empty_text: bool = False) -> None:
-        """Raise :class:`DataPrepError` unless the tables describe one consistent data dir."""
+        """Raise :class:`UserError` unless the tables describe one consistent data dir."""
         if not self.wav_scp:
-            raise DataPrepError(f"{where}/wav.scp: no utterances")
+            raise UserError(f"{where}/wav.scp: no utterances")
         for utt in self.wav_scp:
             if not utt or any(c.isspace() for c in utt):
-                raise DataPrepError(f"{where}/wav.scp: utterance id {utt!r} is empty or has spaces")
+                raise UserError(f"{where}/wav.scp: utterance id {utt!r} is empty or has spaces")
         tables = {"text": self.text, "utt2spk": self.utt2spk}
         if self.utt2num_samples is not None:
             tables["utt2num_samples"] = self.utt2num_samples
@@ -65,26 +60,26 @@ class DataDir:
             extra = sorted(table.keys() - self.wav_scp.keys())
             if extra:
                 problem = "is a transcript line with no audio" if name == "text" else "has no audio"
-                raise DataPrepError(
+                raise UserError(
                     f"{where}/{name}: utterance '{extra[0]}' {problem}: "
                     f"no entry in {where}/wav.scp"
                 )
             missing = sorted(self.wav_scp.keys() - table.keys())
             if missing:
-                raise DataPrepError(
+                raise UserError(
                     f"{where}/{name}: no entry for utterance '{missing[0]}' of wav.scp"
                 )
         for utt, speaker in self.utt2spk.items():
             if not speaker or any(c.isspace() for c in speaker):
-                raise DataPrepError(f"{where}/utt2spk: speaker of '{utt}' is empty or has spaces")
+                raise UserError(f"{where}/utt2spk: speaker of '{utt}' is empty or has spaces")
         if not allow_empty_text:
             for utt, words in self.text.items():
                 if not words.strip():
-                    raise DataPrepError(f"{where}/text: utterance '{utt}' has an empty transcript")
+                    raise UserError(f"{where}/text: utterance '{utt}' has an empty transcript")
         utts = self.utts
         for prev, utt in zip(utts, utts[1:]):
             if self.utt2spk[utt] < self.utt2spk[prev]:
-                raise DataPrepError(
+                raise UserError(
                     f"{where}/utt2spk: utterance '{utt}' (speaker '{self.utt2spk[utt]}') sorts "
                     f"after '{prev}' (speaker '{self.utt2spk[prev]}'), so sorting by utterance "
                     "and by speaker disagree; start utterance ids with their speaker id"
@@ -110,54 +105,71 @@ def combine(parts: list[DataDir], where: str | Path) -> DataDir:
     for part in parts:
         shared = sorted(out.wav_scp.keys() & part.wav_scp.keys())
         if shared:
-            raise DataPrepError(f"{where}: utterance '{shared[0]}' is in two of the combined dirs")
+            raise UserError(f"{where}: utterance '{shared[0]}' is in two of the combined dirs")
         out.wav_scp.update(part.wav_scp)
         out.text.update(part.text)
         out.utt2spk.update(part.utt2spk)
     return out
 
 
-def read_table(path: Path, empty_ok: bool = False, value_name: str = "value") -> dict[str, str]:
-    """Read one ``id value`` file, rejecting missing values, duplicate or out-of-order ids."""
+def read_table(
+    path: str | Path, empty_ok: bool = False, value_name: str = "value", sorted_ids: bool = True
+) -> dict[str, str]:
+    """Read one Kaldi table, ``id value`` per line: the one reader of the recipe's text files.
+
+    Rejects a missing file, text that is not UTF-8, empty lines, duplicate ids, an empty value
+    (unless ``empty_ok``: an id alone then maps to "") and, with ``sorted_ids``, ids out of
+    C-locale order. Lines break at newlines only, so a transcript may hold any other character.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise DataPrepError(f"missing file {path}")
+        raise UserError(f"missing file {path}")
     table: dict[str, str] = {}
     line_of: dict[str, int] = {}
     prev = None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split(maxsplit=1)
-            if not fields:
-                raise DataPrepError(f"{path}:{lineno}: empty line")
-            key = fields[0]
-            value = fields[1].rstrip() if len(fields) == 2 else ""
-            if key in table:
-                raise DataPrepError(
-                    f"{path}:{lineno}: duplicate id '{key}' (first on line {line_of[key]})"
-                )
-            if prev is not None and key < prev:
-                raise DataPrepError(
-                    f"{path}:{lineno}: '{key}' comes after '{prev}'; the file must be sorted by "
-                    "id in C-locale order (LC_ALL=C sort)"
-                )
-            if not value and not empty_ok:
-                raise DataPrepError(f"{path}:{lineno}: '{key}' has an empty {value_name}")
-            table[key], line_of[key], prev = value, lineno, key
+    try:
+        with open(path, encoding="utf-8", newline="\n") as f:
+            lines = f.read().removesuffix("\n")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err})") from None
+    for lineno, line in enumerate(lines.split("\n") if lines else [], 1):
+        fields = line.split(maxsplit=1)
+        if not fields:
+            raise UserError(f"{path}:{lineno}: empty line; expected '<id> <{value_name}>'")
+        key = fields[0]
+        value = fields[1].rstrip() if len(fields) == 2 else ""
+        if key in table:
+            raise UserError(
+                f"{path}:{lineno}: duplicate id '{key}' (first on line {line_of[key]})"
+            )
+        if sorted_ids and prev is not None and key < prev:
+            raise UserError(
+                f"{path}:{lineno}: '{key}' comes after '{prev}'; the file must be sorted by "
+                "id in C-locale order (LC_ALL=C sort)"
+            )
+        if not value and not empty_ok:
+            raise UserError(f"{path}:{lineno}: '{key}' has an empty {value_name}")
+        table[key], line_of[key], prev = value, lineno, key
     return table
+
+
+def read_text(path: str | Path) -> dict[str, str]:
+    """Transcripts of a ``text`` file in any order (a decoder's hypothesis may be empty)."""
+    return read_table(path, empty_ok=True, value_name="transcript", sorted_ids=False)
 
 
 def read_data_dir(path: str | Path, allow_empty_text: bool = False) -> DataDir:
     """Read and validate a data dir; errors name the file and the line or id at fault."""
     path = Path(path)
     if not path.is_dir():
-        raise DataPrepError(f"data dir {path} does not exist")
+        raise UserError(f"data dir {path} does not exist")
     num_samples_file = path / "utt2num_samples"
     utt2num_samples = None
     if num_samples_file.exists():
         utt2num_samples = {}
         for utt, value in read_table(num_samples_file).items():
             if not (value.isascii() and value.isdigit()):
-                raise DataPrepError(f"{num_samples_file}: '{utt}' has non-integer length {value!r}")
+                raise UserError(f"{num_samples_file}: '{utt}' has non-integer length {value!r}")
             utt2num_samples[utt] = int(value)
     data = DataDir(
         wav_scp=read_table(path / "wav.scp", value_name="audio path"),
@@ -171,7 +183,7 @@ def read_data_dir(path: str | Path, allow_empty_text: bool = False) -> DataDir:
     for speaker in sorted(spk2utt.keys() | expected.keys()):
         listed, derived = spk2utt.get(speaker, []), expected.get(speaker, [])
         if listed != derived:
-            raise DataPrepError(
+            raise UserError(
                 f"{path}/spk2utt does not match {path}/utt2spk for speaker '{speaker}': "
                 f"only in spk2utt: {sorted(set(listed) - set(derived))}, "
                 f"only in utt2spk: {sorted(set(derived) - set(listed))}"
@@ -234,7 +246,7 @@ def audio_info(path: str | Path, context: str):
     try:
         return soundfile.info(str(path))
     except RuntimeError as err:  # soundfile.LibsndfileError for missing, corrupt or odd files
-        raise DataPrepError(f"{context}: cannot read audio file {path}: {err}") from err
+        raise UserError(f"{context}: cannot read audio file {path}: {err}") from err
 
 
 def add_overwrite_option(parser) -> None:
@@ -244,12 +256,3 @@ def add_overwrite_option(parser) -> None:
         action="store_true",
         help="replace existing output that differs from what this run would write",
     )
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a data-prep command: bad input ends it with its message and status 1, no traceback."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        main()
-    except DataPrepError as err:
-        sys.exit(f"error: {err}")

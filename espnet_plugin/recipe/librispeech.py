@@ -15,13 +15,12 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
+from espnet_plugin.cli import UserError, run
 from espnet_plugin.recipe.kaldi_data import (
     DataDir,
-    DataPrepError,
     add_overwrite_option,
     audio_info,
     combine,
-    run_cli,
     write_data_dir,
 )
 
@@ -47,13 +46,13 @@ def corpus_root(librispeech_dir: Path) -> Path:
 
 def find_split(librispeech_dir: Path, split: str) -> Path:
     if not librispeech_dir.is_dir():
-        raise DataPrepError(
+        raise UserError(
             f"--librispeech_dir {librispeech_dir} does not exist; give the folder that holds "
             "LibriSpeech/<split>/ (or pass --download to fetch the corpus there)"
         )
     split_dir = corpus_root(librispeech_dir) / split
     if not split_dir.is_dir():
-        raise DataPrepError(
+        raise UserError(
             f"LibriSpeech split '{split}' not found: looked for {split_dir} "
             f"(--librispeech_dir {librispeech_dir}); pass --download to fetch it from openslr"
         )
@@ -65,29 +64,29 @@ def prepare_split(split_dir: Path) -> DataDir:
     wav_scp, text, utt2spk = {}, {}, {}
     chapters = sorted(p for p in split_dir.glob("*/*") if p.is_dir())
     if not chapters:
-        raise DataPrepError(f"{split_dir} has no <speaker>/<chapter> folders")
+        raise UserError(f"{split_dir} has no <speaker>/<chapter> folders")
     for chapter_dir in chapters:
         speaker, chapter = chapter_dir.parent.name, chapter_dir.name
         trans = chapter_dir / f"{speaker}-{chapter}.trans.txt"
         if not trans.is_file():
-            raise DataPrepError(f"{chapter_dir}: transcript file {trans.name} is missing")
+            raise UserError(f"{chapter_dir}: transcript file {trans.name} is missing")
         for lineno, line in enumerate(trans.read_text("utf-8").splitlines(), 1):
             where = f"{trans}:{lineno}"
             utt, _, words = line.strip().partition(" ")
             words = " ".join(words.split())
             if not utt:
-                raise DataPrepError(f"{where}: empty line")
+                raise UserError(f"{where}: empty line")
             if not words:
-                raise DataPrepError(f"{where}: utterance '{utt}' has an empty transcript")
+                raise UserError(f"{where}: utterance '{utt}' has an empty transcript")
             if not utt.startswith(f"{speaker}-"):
-                raise DataPrepError(
+                raise UserError(
                     f"{where}: utterance id '{utt}' does not start with its speaker '{speaker}-'"
                 )
             if utt in text:
-                raise DataPrepError(f"{where}: utterance '{utt}' appears twice in {split_dir}")
+                raise UserError(f"{where}: utterance '{utt}' appears twice in {split_dir}")
             audio = chapter_dir / f"{utt}.flac"
             if not audio.is_file():
-                raise DataPrepError(
+                raise UserError(
                     f"{where}: transcript line for '{utt}' has no audio file: {audio} is missing"
                 )
             audio_info(audio, where)
@@ -102,7 +101,7 @@ def download_split(split: str, librispeech_dir: Path, download_dir: Path, url_ba
     split that a later run would mistake for a complete one.
     """
     if split not in SPLITS:
-        raise DataPrepError(f"--splits: '{split}' is not a LibriSpeech split ({', '.join(SPLITS)})")
+        raise UserError(f"--splits: '{split}' is not a LibriSpeech split ({', '.join(SPLITS)})")
     archive = download_dir / f"{split}.tar.gz"
     url = f"{url_base.rstrip('/')}/{split}.tar.gz"
     if archive.is_file():
@@ -115,7 +114,7 @@ def download_split(split: str, librispeech_dir: Path, download_dir: Path, url_ba
             with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
                 shutil.copyfileobj(response, out, 1 << 20)
         except OSError as err:  # urllib.error.URLError, timeouts, refused connections
-            raise DataPrepError(
+            raise UserError(
                 f"cannot download {url}: {getattr(err, 'reason', err)}; check the network "
                 f"connection, or fetch the archive by hand into {download_dir}"
             ) from err
@@ -129,7 +128,7 @@ def download_split(split: str, librispeech_dir: Path, download_dir: Path, url_ba
         tar.extractall(scratch, filter="data")
     extracted = scratch / "LibriSpeech"
     if not (extracted / split).is_dir():
-        raise DataPrepError(f"{archive} holds no LibriSpeech/{split}; is it the right archive?")
+        raise UserError(f"{archive} holds no LibriSpeech/{split}; is it the right archive?")
     root.mkdir(parents=True, exist_ok=True)
     for item in extracted.iterdir():  # the split and the corpus-level README/SPEAKERS files
         if not (root / item.name).exists():
@@ -158,7 +157,7 @@ def prepare(
     for name, parts in (combined or {}).items():
         unknown = [part for part in parts if part not in splits]
         if name in prepared or unknown:
-            raise DataPrepError(
+            raise UserError(
                 f"--combine {name}={','.join(parts)}: the name must be new and the parts among "
                 f"--splits {' '.join(splits)}"
             )
@@ -224,4 +223,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run(main)

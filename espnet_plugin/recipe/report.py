@@ -22,13 +22,13 @@ file name. Nested values are left out. These keys also get a plot:
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from espnet_plugin.cli import UserError, run
 from espnet_plugin.recipe.score import UNITS
 
 RESULT_FILE = "result.json"
@@ -81,9 +81,9 @@ def read_json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -91,11 +91,11 @@ def read_result(path: Path) -> dict:
     result = read_json_object(path)
     missing = [key for key in _REQUIRED_RESULT_KEYS if key not in result]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{path}: lacks {', '.join(missing)}; write it with espnet_plugin.recipe.score"
         )
     if result["unit"] not in UNITS:
-        raise ValueError(f"{path}: unit must be one of {', '.join(UNITS)}, got {result['unit']!r}")
+        raise UserError(f"{path}: unit must be one of {', '.join(UNITS)}, got {result['unit']!r}")
     return result
 
 
@@ -106,10 +106,10 @@ def folder_extras(folder: Path) -> dict[str, int | float | str]:
     for path in files:
         for key, value in read_json_object(path).items():
             if key in PLOTTED_EXTRAS and not _is_number(value):
-                raise ValueError(f"{path}: '{key}' must be a number, got {value!r}")
+                raise UserError(f"{path}: '{key}' must be a number, got {value!r}")
             if isinstance(value, (int, float, str)):
                 if key in SCORE_COLUMNS or key in KEY_COLUMNS:
-                    raise ValueError(f"{path}: key '{key}' would hide the report's own column")
+                    raise UserError(f"{path}: key '{key}' would hide the report's own column")
                 extras[key] = value
     return extras
 
@@ -121,7 +121,7 @@ def collect_rows(exp_dir: Path) -> list[Row]:
     for path in sorted(exp_dir.rglob(f"{SCORE_DIR_PREFIX}*/{RESULT_FILE}")):
         parts = path.relative_to(exp_dir).parts
         if len(parts) < 5:
-            raise ValueError(
+            raise UserError(
                 f"{path} is too shallow for the layout "
                 f"<exp_dir>/<model>/<decode_dir>/<test_set>/{SCORE_DIR_PREFIX}<unit>/{RESULT_FILE}"
             )
@@ -130,7 +130,7 @@ def collect_rows(exp_dir: Path) -> list[Row]:
         result = read_result(path)
         other = sources.setdefault((*key, result["unit"]), path)
         if other != path:
-            raise ValueError(f"{other} and {path} both score unit '{result['unit']}' of {key}")
+            raise UserError(f"{other} and {path} both score unit '{result['unit']}' of {key}")
         if key not in rows:
             extras = {}
             for depth in range(1, len(parts) - 1):  # top model folder down to the test set
@@ -273,14 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     exp_dir = Path(args.exp_dir)
     if not exp_dir.is_dir():
-        sys.exit(f"{parser.prog}: error: --exp_dir {exp_dir} is not a folder")
-    try:
-        rows = collect_rows(exp_dir)
-    except (OSError, ValueError) as err:
-        sys.exit(f"{parser.prog}: error: {err}")
+        raise UserError(f"--exp_dir {exp_dir} is not a folder")
+    rows = collect_rows(exp_dir)
     if not rows:
-        sys.exit(
-            f"{parser.prog}: error: no scores under {exp_dir}: expected "
+        raise UserError(
+            f"no scores under {exp_dir}: expected "
             f"<model>/<decode_dir>/<test_set>/{SCORE_DIR_PREFIX}<unit>/{RESULT_FILE}; "
             "run the scoring stage (asr.sh stage 9) first"
         )
@@ -289,4 +286,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -23,12 +23,14 @@ Conventions, and how they relate to sclite, which ESPnet's own scoring stage run
 
 import argparse
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import jiwer
+
+from espnet_plugin.cli import UserError, run
+from espnet_plugin.recipe.kaldi_data import read_text
 
 UNITS = ("word", "char")
 METRIC = {"word": "WER", "char": "CER"}
@@ -119,30 +121,6 @@ class ScoreResult:
         }
 
 
-def read_kaldi_text(path: str | Path) -> dict[str, str]:
-    """``utt_id transcript...`` lines -> {utt_id: transcript} (an id alone: empty transcript)."""
-    texts: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    try:
-        content = Path(path).read_text(encoding="utf-8").removesuffix("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
-    # Newlines only: str.splitlines would also break a transcript at U+2028 and the like.
-    lines = content.split("\n") if content else []
-    for lineno, line in enumerate(lines, 1):
-        fields = line.split(maxsplit=1)
-        if not fields:
-            raise ValueError(f"{path}:{lineno}: empty line; expected 'utt_id transcript...'")
-        utt_id = fields[0]
-        if utt_id in texts:
-            raise ValueError(
-                f"{path}:{lineno}: utterance id '{utt_id}' repeats line {first_line[utt_id]}"
-            )
-        texts[utt_id] = fields[1] if len(fields) > 1 else ""
-        first_line[utt_id] = lineno
-    return texts
-
-
 def _preview(ids: list[str], shown: int = 10) -> str:
     more = f" ... and {len(ids) - shown} more" if len(ids) > shown else ""
     return ", ".join(ids[:shown]) + more
@@ -152,16 +130,16 @@ def _check_same_utterances(
     ref: Mapping[str, str], hyp: Mapping[str, str], ref_label: str, hyp_label: str
 ) -> None:
     if not ref:
-        raise ValueError(f"{ref_label} has no utterances; nothing to score")
+        raise UserError(f"{ref_label} has no utterances; nothing to score")
     missing = [utt_id for utt_id in ref if utt_id not in hyp]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{hyp_label} lacks {len(missing)} of the {len(ref)} utterances of {ref_label} "
             f"(did decoding fail for some?): {_preview(missing)}"
         )
     unknown = [utt_id for utt_id in hyp if utt_id not in ref]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{hyp_label} has {len(unknown)} utterances that {ref_label} does not "
             f"(decoded a different set?): {_preview(unknown)}"
         )
@@ -199,7 +177,7 @@ def score(
 ) -> ScoreResult:
     """Align every reference utterance with its hypothesis (labels name the sources in errors)."""
     if unit not in UNITS:
-        raise ValueError(f"unit must be one of {', '.join(UNITS)}, got '{unit}'")
+        raise UserError(f"unit must be one of {', '.join(UNITS)}, got '{unit}'")
     _check_same_utterances(ref, hyp, ref_label, hyp_label)
     utt_ids = list(ref)
     output = _PROCESS[unit](
@@ -215,7 +193,7 @@ def score(
         ),
     )
     if result.ref_len == 0:
-        raise ValueError(
+        raise UserError(
             f"{ref_label}: all {result.num_utts} transcripts are empty, so the "
             f"{METRIC[unit]} is undefined"
         )
@@ -288,18 +266,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="test set name in the outputs (default: --hyp's folder)")
     args = parser.parse_args(argv)
     name = args.name or Path(args.hyp).resolve().parent.name
-    try:
-        result = score(
-            read_kaldi_text(args.ref),
-            read_kaldi_text(args.hyp),
-            args.unit,
-            ref_label=f"reference {args.ref}",
-            hyp_label=f"hypothesis {args.hyp}",
-        )
-    except (OSError, ValueError) as err:
-        sys.exit(f"{parser.prog}: error: {err}")
+    result = score(
+        read_text(args.ref),
+        read_text(args.hyp),
+        args.unit,
+        ref_label=f"reference {args.ref}",
+        hyp_label=f"hypothesis {args.hyp}",
+    )
     write_results(result, args.out_dir, name)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,19 +11,17 @@ from pathlib import Path
 
 import sentencepiece
 
+from espnet_plugin.cli import UserError, run
+from espnet_plugin.recipe.kaldi_data import read_table
+
 SPECIAL_SYMBOLS = ("<blank>:0", "<unk>:1", "<sos/eos>:-1")
 
 
 def transcripts(text_file: Path) -> list[str]:
-    """The transcripts of a Kaldi ``text`` file (the utterance id dropped)."""
-    lines = []
-    for number, line in enumerate(text_file.read_text(encoding="utf-8").splitlines(), 1):
-        _, _, words = line.partition(" ")
-        if not words.strip():
-            raise ValueError(f"{text_file}:{number}: empty transcript for '{line.strip()}'")
-        lines.append(words.strip())
+    """The transcripts of a Kaldi ``text`` file (the utterance ids dropped)."""
+    lines = list(read_table(text_file, value_name="transcript").values())
     if not lines:
-        raise ValueError(f"{text_file}: no transcripts to train the tokenizer on")
+        raise UserError(f"{text_file}: no transcripts to train the tokenizer on")
     return lines
 
 
@@ -43,7 +41,7 @@ def train_bpe(lines: list[str], out_dir: Path, nbpe: int, bpemode: str, char_cov
             minloglevel=1,  # warnings only: its per-iteration log drowns the recipe log
         )
     except RuntimeError as err:
-        raise ValueError(
+        raise UserError(
             f"sentencepiece could not train a {bpemode} model of --nbpe {nbpe} on {len(lines)} "
             f"transcripts ({err}); a smaller --nbpe fits a small corpus"
         ) from err
@@ -72,8 +70,6 @@ def main(argv=None) -> None:
     parser.add_argument("--char_cover", type=float, default=1.0)
     args = parser.parse_args(argv)
 
-    if not args.text.is_file():
-        parser.error(f"--text {args.text}: no such file")
     lines = transcripts(args.text)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     bpemodel = None
@@ -83,4 +79,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,7 +3,7 @@
 # It runs from a recipe directory (egs2/<corpus>/asr1) through a symlink and drives ESPnet's own
 # programs (through espnet_plugin.bin, so the plugin's classes are registered) from data to WER.
 #
-#   ./asr.sh --stage 3 --stop_stage 5 --asr_config conf/train.yaml ...
+#   ./asr.sh --stage 3 --stop_stage 5 --asr_config conf/train_asr.yaml ...
 #
 # Stages:
 #   1  data preparation (local/data.sh) into Kaldi-style dirs under data/

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Small real-speech recipe: ~480 recorded Asterisk prompts (one speaker, 8 kHz), from data to WER
 # on 2 CPU cores. Any option of asr.sh can be given here and overrides the defaults below:
-#   ./run.sh --stage 5 --asr_config conf/train_asr_conmamba.yaml
+#   ./run.sh --stage 5 --asr_config conf/tuning/train_asr_conformer_small.yaml
 set -euo pipefail
 cd "$(dirname "$0")"
 
