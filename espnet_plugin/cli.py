@@ -13,9 +13,9 @@ class UserError(ValueError):
     """Bad input: a missing or malformed file, a bad option value, unreadable audio."""
 
 
-def run(main: Callable[[], object]) -> None:
+def run(main: Callable[[], object], log_level: int = logging.INFO) -> None:
     """Run a command's ``main``: log to stderr, and a user error ends it in one line."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     prog = spec.name if spec is not None else sys.argv[0]
     try:

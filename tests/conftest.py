@@ -1,6 +1,9 @@
 """Shared fixtures: paths of the repository, its recipes and the optional real-speech sample."""
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,43 @@ def scan_path(request, monkeypatch):
     threshold = 1 if request.param == "frame_by_frame" else 2**62
     monkeypatch.setattr(scan, "SEQUENTIAL_MIN_STATES", threshold)
     return request.param
+
+
+# The small real-speech recipe, run once per session with the tiny config (test_small_recipe.py and
+# test_recipe_stamps.py use it).
+ASTERISK = REPO / "egs2" / "asterisk_en" / "asr1"
+TINY = "conf/train_asr_tiny.yaml"
+ASR_EXP = "exp/asr_train_asr_tiny_raw_en_char_sp"
+# A two-epoch model has not learnt to stop: a short beam and output cap keep decoding quick.
+FAST_DECODING = "--beam_size 1 --maxlenratio 0.1"
+DECODE = "decode_asr_beam_size1_maxlenratio0.1_asr_model_valid.acc.ave"
+
+
+def run_recipe(recipe: Path, *args: str, timeout: int = 1200, check: bool = True):
+    """``run.sh *args`` in ``recipe`` with this Python first on PATH; asserts success if ``check``."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", "run.sh", *args], cwd=recipe, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, (
+            f"run.sh {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def copy_recipe(source: Path, target: Path, ignore=("data", "dump", "exp", "downloads")) -> Path:
+    """A copy of a recipe folder whose asr.sh still links to the repository's."""
+    shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns(*ignore))
+    (target / "asr.sh").unlink()
+    (target / "asr.sh").symlink_to(TEMPLATE_ASR)
+    return target
+
+
+@pytest.fixture(scope="session")
+def recipe(tmp_path_factory, pytestconfig) -> Path:
+    """A copy of the small recipe that has run every stage with the tiny config."""
+    work = copy_recipe(ASTERISK, tmp_path_factory.mktemp("asterisk_en") / "asr1")
+    downloads = pytestconfig.cache.mkdir("asterisk_downloads")
+    run_recipe(work, "--asr_config", TINY, "--local_data_opts", f"--download_dir {downloads}",
+               "--test_sets", "test", "--inference_args", FAST_DECODING)
+    return work

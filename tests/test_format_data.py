@@ -152,7 +152,8 @@ def test_bad_options(tmp_path):
 def test_bad_source_dirs(tmp_path):
     src, _ = tone_data_dir(tmp_path, {"a-1": 0.5, "a-2": 0.6})
     (tmp_path / "audio/a-2.wav").write_bytes(b"broken")
-    with pytest.raises(UserError, match=r"wav.scp: utterance 'a-2': cannot read audio file"):
+    with pytest.raises(UserError, match=r"(?s)wav.scp: 1 of 2 audio files .*utterance 'a-2': "
+                                         r"cannot read audio file .*a-2.wav"):
         format_data(src, tmp_path / "dst", 0.1, 20.0)
     (src / "text").unlink()
     with pytest.raises(UserError, match=r"missing file .*src/text"):
@@ -164,3 +165,42 @@ def test_default_keeps_every_utterance(tmp_path):
     # asr.sh formats test sets without limits: long and short utterances must all stay.
     src, lengths = tone_data_dir(tmp_path, {"a-1": 0.02, "a-2": 31.0})
     assert format_data(src, tmp_path / "dst").utt2num_samples == lengths
+
+
+def truncated_flac(path, seconds: float) -> int:
+    """A FLAC file whose last part is missing, as a copy killed midway leaves it: its header
+    still gives the full length. Returns that length."""
+    wave = np.sin(np.arange(int(seconds * RATE)) * 0.05).astype("float32")
+    soundfile.write(path, wave, RATE, format="FLAC")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return len(wave)
+
+
+@pytest.mark.parametrize("nj", [1, 2])
+def test_audio_cut_short_is_found_by_utterance_and_path(tmp_path, nj):
+    src, _ = tone_data_dir(tmp_path, {"a-1": 0.5, "a-2": 0.6, "b-1": 0.7})
+    samples = truncated_flac(tmp_path / "audio" / "a-2.flac", 2.0)
+    (src / "wav.scp").write_text((src / "wav.scp").read_text().replace("a-2.wav", "a-2.flac"))
+    assert soundfile.info(tmp_path / "audio" / "a-2.flac").frames == samples  # header intact
+    with pytest.raises(UserError, match=r"(?s)1 of 3 audio files.*utterance 'a-2': "
+                                        r"cannot read audio file .*a-2.flac: .*lost sync"):
+        format_data(src, tmp_path / "dst", 0.1, 20.0, parse_factors("0.9 1.0"), nj=nj)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_empty_and_too_short_audio_in_a_test_set(tmp_path, caplog):
+    """A test set keeps every utterance (no --min_dur), but a 0-sample file or one shorter than
+    --min_audio_dur cannot be decoded: named, then failed or dropped as asked."""
+    src, _ = tone_data_dir(tmp_path, {"a-1": 0.5, "a-2": 0.04, "b-1": 0.7})
+    soundfile.write(tmp_path / "audio" / "b-1.wav", np.zeros(0, "float32"), RATE)
+    with pytest.raises(UserError) as error:
+        format_data(src, tmp_path / "dst", min_audio_dur=0.1)
+    message = str(error.value)
+    assert "2 of 3 audio files cannot be used" in message
+    assert "utterance 'a-2': " in message and "0.040 s long, shorter than --min_audio_dur" in message
+    assert "utterance 'b-1': " in message and "b-1.wav is empty (0 samples)" in message
+    with caplog.at_level(logging.WARNING):
+        out = format_data(src, tmp_path / "dst", min_audio_dur=0.1, bad_audio="drop")
+    assert out.utts == ["a-1"]
+    assert "dropped 2 unusable audio files" in caplog.text

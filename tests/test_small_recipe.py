@@ -7,47 +7,16 @@ The recipe runs once per session on real recorded prompts that `apt-get download
 """
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import soundfile
 import yaml
 
-from conftest import REPO, TEMPLATE_ASR
-
-RECIPE = REPO / "egs2" / "asterisk_en" / "asr1"
-TINY = "conf/train_asr_tiny.yaml"
-ASR_EXP = "exp/asr_train_asr_tiny_raw_en_char_sp"
-DECODE = "decode_asr_asr_model_valid.acc.ave"
-FAST_DECODING = "--beam_size 1 --maxlenratio 0.1"
-
-
-def run(recipe: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["bash", "run.sh", *args], cwd=recipe, env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, f"run.sh {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-@pytest.fixture(scope="session")
-def recipe(tmp_path_factory, pytestconfig) -> Path:
-    """A copy of the recipe that has run every stage with the tiny config."""
-    work = tmp_path_factory.mktemp("asterisk_en") / "asr1"
-    shutil.copytree(RECIPE, work, symlinks=False, ignore=shutil.ignore_patterns("data", "dump", "exp", "downloads"))
-    (work / "asr.sh").unlink()
-    (work / "asr.sh").symlink_to(TEMPLATE_ASR)
-    downloads = pytestconfig.cache.mkdir("asterisk_downloads")
-    # A two-epoch model has not learnt to stop: a short beam and output cap keep decoding quick.
-    run(work, "--asr_config", TINY, "--local_data_opts", f"--download_dir {downloads}",
-        "--test_sets", "test", "--inference_args", FAST_DECODING)
-    return work
+from conftest import ASR_EXP, DECODE, TINY, run_recipe
 
 
 def test_every_stage_leaves_its_outputs(recipe):
@@ -129,7 +98,7 @@ def test_saved_config_reloads_the_plugin_encoder_and_decodes(recipe, monkeypatch
 
 
 def test_distributed_training_with_two_cpu_processes(recipe):
-    run(recipe, "--stage", "5", "--stop_stage", "5", "--asr_config", TINY, "--asr_tag", "ddp",
+    run_recipe(recipe, "--stage", "5", "--stop_stage", "5", "--asr_config", TINY, "--asr_tag", "ddp",
         "--launcher", "torchrun", "--nproc_per_node", "2", "--asr_args", "--max_epoch 1")
     log = (recipe / "exp/asr_ddp/train.log").read_text()
     assert ":0/2]" in log, "rank 0 of a world of 2 wrote the log"
@@ -138,10 +107,10 @@ def test_distributed_training_with_two_cpu_processes(recipe):
 
 def test_interrupted_training_resumes_without_losing_checkpoints(recipe):
     args = ("--stage", "5", "--stop_stage", "5", "--asr_config", TINY, "--asr_tag", "resume")
-    run(recipe, *args, "--asr_args", "--max_epoch 1")  # "interrupted" after one epoch
+    run_recipe(recipe, *args, "--asr_args", "--max_epoch 1")  # "interrupted" after one epoch
     exp = recipe / "exp/asr_resume"
     first = (exp / "1epoch.pth").stat().st_mtime_ns
-    run(recipe, *args, "--asr_args", "--max_epoch 2")
+    run_recipe(recipe, *args, "--asr_args", "--max_epoch 2")
     log = (exp / "train.log").read_text()
     assert "resumed" in log.lower() and "2epoch" in log
     assert (exp / "2epoch.pth").is_file()
@@ -156,7 +125,7 @@ def test_audio_is_real_speech(recipe):
 
 
 def test_language_model_stages_train_an_lm_that_fuses_into_decoding(recipe, monkeypatch):
-    run(recipe, "--stage", "6", "--stop_stage", "7", "--asr_config", TINY, "--use_lm", "true",
+    run_recipe(recipe, "--stage", "6", "--stop_stage", "7", "--asr_config", TINY, "--use_lm", "true",
         "--lm_config", "conf/train_lm_tiny.yaml")
     lm_exp = recipe / "exp/lm_train_lm_tiny_en_char"
     assert "2epoch results" in (lm_exp / "train.log").read_text()
@@ -185,7 +154,7 @@ def test_dynamic_chunking_learns_to_keep_half_the_frames_on_real_speech(recipe, 
     }
     config["max_epoch"] = 6
     (tmp_path / "dc.yaml").write_text(yaml.safe_dump(config))
-    run(recipe, "--stage", "3", "--stop_stage", "5", "--token_type", "bpe", "--nbpe", "150",
+    run_recipe(recipe, "--stage", "3", "--stop_stage", "5", "--token_type", "bpe", "--nbpe", "150",
         "--asr_config", str(tmp_path / "dc.yaml"), "--asr_tag", "dc")
     assert (recipe / "data/en_token_list/bpe_unigram150/bpe.model").is_file()
     log = (recipe / "exp/asr_dc/train.log").read_text()

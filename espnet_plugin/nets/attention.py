@@ -45,8 +45,9 @@ class KVCache(NamedTuple):
 
 
 class LatentCache(NamedTuple):
-    """MLA cache: normalised latent (batch, time, kv_latent_dim) and the rotated key shared by
-    all heads (batch, time, rope_dim); keys and values of every head are recovered from these."""
+    """MLA cache: the latent (batch, time, kv_latent_dim) and the rotated keys, each shared by a
+    group of heads (batch, time, rope_key_heads * rope_dim); keys and values of every head are
+    recovered from these."""
 
     latent: torch.Tensor
     rope_key: torch.Tensor
@@ -147,14 +148,21 @@ def _head_dim(d_model: int, n_heads: int) -> int:
 class Attention(nn.Module, ABC):
     """The interface every variant implements (see the module docstring)."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, rotary_dim: int):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float,
+        rotary_dim: int,
+        rotary_freq_dim: Optional[int] = None,
+    ):
         super().__init__()
         _require(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
         self.d_model = d_model
         self.n_heads = n_heads
         self.head_dim = _head_dim(d_model, n_heads)
         self.dropout = dropout
-        self.rotary = RotaryEmbedding(rotary_dim) if rotary_dim else None
+        self.rotary = RotaryEmbedding(rotary_dim, freq_dim=rotary_freq_dim) if rotary_dim else None
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         return x if self.rotary is None else self.rotary(x, start)
@@ -335,16 +343,23 @@ class MultiHeadAttention(GroupedQueryAttention):
 class MultiHeadLatentAttention(SoftmaxAttention):
     """MLA (DeepSeek-V2/V3): keys and values of all heads come from one latent per token.
 
-    ``c = RMSNorm(W_dkv h)`` (``kv_latent_dim``) is up-projected to per-head keys and values
-    (``kv_up`` = [W_uk; W_uv]). Position lives in ``rope_dim`` decoupled dims: a rotated query
-    part per head and one rotated key shared by all heads. The cache holds ``c`` and that key
-    only. In eval mode with ``absorb`` the up-projections are absorbed: W_uk turns the query
+    ``c = RMSNorm(W_dkv h)`` (``kv_latent_dim``) is up-projected to per-head content keys
+    (``nope_dim``) and values (``head_dim``) (``kv_up`` = [W_uk; W_uv]). Position lives in
+    ``rope_dim`` decoupled dims: a rotated query part per head and a rotated key shared by all
+    heads (by each group of ``n_heads / rope_key_heads`` heads). The cache holds ``c`` and those
+    keys only. In eval mode with ``absorb`` the up-projections are absorbed: W_uk turns the query
     into a latent query and W_uv maps the latent context to values, so attention reads the cached
     latent directly instead of up-projecting the whole cache at every step. ``q_latent_dim`` > 0
     also compresses the query through a normalised latent.
 
     Defaults follow DeepSeek-V2: ``kv_latent_dim = 4 * head_dim``, ``rope_dim = head_dim / 2``
-    (0 without rotary: the decoupled key exists to carry position).
+    (0 without rotary: the decoupled key exists to carry position), ``nope_dim = head_dim``, one
+    rotary key, a normalised latent, no biases. What an MHA converted to MLA needs (MHA2MLA,
+    ``espnet_plugin.convert_attention``): ``latent_norm: false`` (a normalised latent cannot hold
+    an SVD factor), ``bias: true`` (MHA's query, key and output biases), ``nope_dim = head_dim -
+    rope_dim`` (the head's channels that stopped rotating), ``rope_key_heads`` up to ``n_heads``,
+    and ``rope_head_dim``: the rotary dims turn at the frequencies of a RoPE over that many
+    channels, the pairs kept saved as the rotary module's ``pairs`` buffer.
     """
 
     def __init__(
@@ -358,15 +373,26 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         q_latent_dim: int = 0,
         absorb: bool = True,
         rotary: bool = True,
+        nope_dim: Optional[int] = None,
+        rope_key_heads: int = 1,
+        rope_head_dim: Optional[int] = None,
+        latent_norm: bool = True,
+        bias: bool = False,
     ):
         head_dim = _head_dim(d_model, n_heads)
-        _check_bool("rotary", rotary)
-        _check_bool("absorb", absorb)
+        for name, value in (("rotary", rotary), ("absorb", absorb), ("latent_norm", latent_norm),
+                            ("bias", bias)):
+            _check_bool(name, value)
         kv_latent_dim = 4 * head_dim if kv_latent_dim is None else kv_latent_dim
+        nope_dim = head_dim if nope_dim is None else nope_dim
         if rope_dim is None:
             rope_dim = head_dim // 2 if rotary else 0
         _check_int("kv_latent_dim", kv_latent_dim, 1)
         _check_int("q_latent_dim", q_latent_dim, 0)
+        _check_int("nope_dim", nope_dim, 0)
+        _check_int("rope_key_heads", rope_key_heads, 1)
+        _require(n_heads % rope_key_heads == 0,
+                 f"rope_key_heads ({rope_key_heads}) must divide n_heads ({n_heads})")
         if rotary:
             _require(
                 isinstance(rope_dim, int) and rope_dim > 0 and rope_dim % 2 == 0,
@@ -374,39 +400,58 @@ class MultiHeadLatentAttention(SoftmaxAttention):
             )
         else:
             _require(rope_dim == 0, f"rope_dim must be 0 with rotary=False, got {rope_dim!r}")
-        super().__init__(d_model, n_heads, dropout, rotary_dim=rope_dim)
+            _require(rope_head_dim is None, "rope_head_dim needs rotary=True")
+        _require(nope_dim + rope_dim > 0, "nope_dim + rope_dim must be positive")
+        super().__init__(d_model, n_heads, dropout, rotary_dim=rope_dim,
+                         rotary_freq_dim=rope_head_dim)
         self.kv_latent_dim = kv_latent_dim
         self.rope_dim = rope_dim
+        self.nope_dim = nope_dim
+        self.rope_key_heads = rope_key_heads
         self.absorb = absorb
-        query_dim = n_heads * (self.head_dim + rope_dim)
+        query_dim = n_heads * (nope_dim + rope_dim)
         if q_latent_dim:
             self.query = nn.Sequential(
                 nn.Linear(d_model, q_latent_dim, bias=False),
                 nn.RMSNorm(q_latent_dim, eps=1e-6),
-                nn.Linear(q_latent_dim, query_dim, bias=False),
+                nn.Linear(q_latent_dim, query_dim, bias=bias),
             )
         else:
-            self.query = nn.Linear(d_model, query_dim, bias=False)
-        self.kv_down = nn.Linear(d_model, kv_latent_dim + rope_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(kv_latent_dim, eps=1e-6)
-        self.kv_up = nn.Linear(kv_latent_dim, n_heads * 2 * self.head_dim, bias=False)
-        self.linear_out = nn.Linear(d_model, d_model, bias=False)
+            self.query = nn.Linear(d_model, query_dim, bias=bias)
+        self.kv_down = nn.Linear(d_model, kv_latent_dim + rope_key_heads * rope_dim, bias=bias)
+        self.kv_norm = nn.RMSNorm(kv_latent_dim, eps=1e-6) if latent_norm else None
+        self.kv_up = nn.Linear(kv_latent_dim, n_heads * (nope_dim + self.head_dim), bias=False)
+        self.linear_out = nn.Linear(d_model, d_model, bias=bias)
 
     @property
     def entry_width(self) -> int:
-        return self.kv_latent_dim + self.rope_dim
+        return self.kv_latent_dim + self.rope_key_heads * self.rope_dim
 
     def _queries(self, x: torch.Tensor, start: int) -> torch.Tensor:
         q = self._split_heads(self.query(x), self.n_heads)
-        content, position = q.split([self.head_dim, self.rope_dim], dim=-1)
+        content, position = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return torch.cat((content, self._rotate(position, start)), dim=-1)
 
     def _entries(self, x: torch.Tensor, start: int) -> LatentCache:
-        latent, rope_key = self.kv_down(x).split([self.kv_latent_dim, self.rope_dim], dim=-1)
-        # Without rotary the rope key is an empty view of the whole projection, which would keep
-        # it alive as long as the cache: an empty copy holds nothing.
-        rope_key = self._rotate(rope_key, start) if self.rope_dim else rope_key.clone()
-        return LatentCache(self.kv_norm(latent), rope_key)
+        rope_width = self.rope_key_heads * self.rope_dim
+        latent, rope_key = self.kv_down(x).split([self.kv_latent_dim, rope_width], dim=-1)
+        if self.rope_dim:  # each rotary key turns on its own
+            rope_key = self._rotate(self._split_heads(rope_key, self.rope_key_heads), start)
+            rope_key = self._merge_heads(rope_key)
+        else:  # an empty view of the whole projection would keep it alive as long as the cache
+            rope_key = rope_key.clone()
+        if self.kv_norm is not None:
+            latent = self.kv_norm(latent)
+        return LatentCache(latent, rope_key)
+
+    def _rope_keys(self, cache: LatentCache) -> torch.Tensor:
+        """The rotary key each query head reads, (batch, n_heads, time, rope_dim) (a view)."""
+        keys = self._split_heads(cache.rope_key, self.rope_key_heads)  # (b, g, time, rope_dim)
+        group = self.n_heads // self.rope_key_heads
+        batch, _, time, _ = keys.shape
+        return keys[:, :, None].expand(-1, -1, group, -1, -1).reshape(
+            batch, self.n_heads, time, self.rope_dim
+        )
 
     def _read(
         self, q: torch.Tensor, cache: LatentCache, mask: Optional[torch.Tensor]
@@ -418,9 +463,9 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         self, q: torch.Tensor, cache: LatentCache, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """Up-project every cached latent to per-head keys and values, then attend."""
-        key, value = self._split_heads(self.kv_up(cache.latent), self.n_heads).chunk(2, dim=-1)
-        shared = cache.rope_key[:, None].expand(-1, self.n_heads, -1, -1)
-        key = torch.cat((key, shared), dim=-1)
+        up = self._split_heads(self.kv_up(cache.latent), self.n_heads)
+        key, value = up.split([self.nope_dim, self.head_dim], dim=-1)
+        key = torch.cat((key, self._rope_keys(cache)), dim=-1)
         return F.scaled_dot_product_attention(
             q, key, value, attn_mask=mask, dropout_p=self._dropout_p()
         )
@@ -430,11 +475,12 @@ class MultiHeadLatentAttention(SoftmaxAttention):
     ) -> torch.Tensor:
         """Attend against the latent: q.W_uk c = (W_uk^T q).c and the values W_uv c sum to
         W_uv (sum of weighted c)."""
-        w_uk, w_uv = self.kv_up.weight.view(self.n_heads, 2 * self.head_dim, -1).chunk(2, dim=1)
-        content, position = q.split([self.head_dim, self.rope_dim], dim=-1)
+        weight = self.kv_up.weight.view(self.n_heads, self.nope_dim + self.head_dim, -1)
+        w_uk, w_uv = weight.split([self.nope_dim, self.head_dim], dim=1)
+        content, position = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent = cache.latent[:, None]  # (batch, 1, keys, kv_latent_dim), shared by the heads
-        scores = (content @ w_uk) @ latent.mT + position @ cache.rope_key[:, None].mT
-        scores = scores / math.sqrt(self.head_dim + self.rope_dim)
+        scores = (content @ w_uk) @ latent.mT + position @ self._rope_keys(cache).mT
+        scores = scores / math.sqrt(self.nope_dim + self.rope_dim)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return (scores.softmax(dim=-1) @ latent) @ w_uv.mT

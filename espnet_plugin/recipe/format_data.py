@@ -1,9 +1,13 @@
 """Recipe formatting step: a prepared data dir -> ``dump/raw/<set>``, what ESPnet training reads.
 
-Adds ``utt2num_samples`` (from the audio headers, nothing is decoded), drops utterances outside
-the duration limits or with empty transcripts, and adds speed-perturbed copies when asked: the
-Kaldi/ESPnet recipe augmentation, with ``sp<factor>-`` prefixed utterance and speaker ids and
-the perturbed audio written once to ``<dst>/audio/sp<factor>/`` so training only reads files.
+Decodes every audio file once, in ``--nj`` processes, so that a file that is unreadable (a FLAC
+cut short included), empty or shorter than ``--min_audio_dur`` is found here, by
+utterance id and path, and not hours later in training or decoding: the step fails with the list,
+or drops them with a warning under ``--bad_audio drop``. Adds ``utt2num_samples``, drops
+utterances outside the duration limits or with empty transcripts, and adds speed-perturbed copies
+when asked: the Kaldi/ESPnet recipe augmentation, with ``sp<factor>-`` prefixed utterance and
+speaker ids and the perturbed audio written once to ``<dst>/audio/sp<factor>/`` so training only
+reads files.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
@@ -27,7 +32,6 @@ from espnet_plugin.recipe.kaldi_data import (
     DataDir,
     DataDirExistsError,
     add_overwrite_option,
-    audio_info,
     conflicts,
     read_data_dir,
     write_data_dir,
@@ -102,29 +106,99 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
+@contextmanager
+def worker_pool(nj: int):
+    """``map`` over ``nj`` single-threaded processes, or in this process with one thread."""
+    if nj > 1:
+        with ProcessPoolExecutor(nj, initializer=_single_thread) as pool:
+            yield lambda fn, items: pool.map(fn, items, chunksize=16)
+        return
+    threads = torch.get_num_threads()
+    _single_thread()
+    try:
+        yield map
+    finally:
+        torch.set_num_threads(threads)
+
+
+BAD_AUDIO = ("fail", "drop")
+
+
+class AudioCheck(NamedTuple):
+    """One audio file decoded whole: its length and rate, or why it cannot be used."""
+
+    num_samples: int
+    samplerate: int
+    problem: str | None
+
+
+def check_audio(path: str) -> AudioCheck:
+    """Decode ``path`` completely: its header alone hides a file cut short (a FLAC copy killed
+    midway has an intact header; only its decoder finds the missing frames)."""
+    try:
+        with soundfile.SoundFile(path) as f:
+            rate = f.samplerate
+            decoded = len(f.read(dtype="float32", always_2d=True))
+    except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError: missing, corrupt, odd
+        return AudioCheck(0, 0, f"cannot read audio file {path}: {err}")
+    if decoded == 0:
+        return AudioCheck(0, rate, f"{path} is empty (0 samples)")
+    return AudioCheck(decoded, rate, None)
+
+
+def check_all_audio(wav_scp: dict[str, str], nj: int) -> dict[str, AudioCheck]:
+    """Every file of ``wav_scp`` decoded in ``nj`` processes, with progress in the log."""
+    utts = list(wav_scp)
+    checks = {}
+    logging.info(f"decoding {len(utts)} audio files to check them ({nj} jobs)")
+    step = max(1, len(utts) // 10)
+    with worker_pool(nj) as pool_map:
+        for done, (utt, check) in enumerate(
+            zip(utts, pool_map(check_audio, [wav_scp[u] for u in utts])), 1
+        ):
+            checks[utt] = check
+            if done % step == 0 or done == len(utts):
+                logging.info(f"  checked {done}/{len(utts)} files")
+    return checks
+
+
 def select(
-    src: Path, dst: Path, min_dur: float, max_dur: float, factors: list[Fraction]
+    src: Path, dst: Path, min_dur: float, max_dur: float, factors: list[Fraction],
+    min_audio_dur: float = 0.0, bad_audio: str = "fail", nj: int = 1,
 ) -> tuple[DataDir, list[PerturbedCopy]]:
     """The output tables, originals and ``sp<factor>-`` copies within the duration limits, and
-    the perturbed files they refer to. Only audio headers are read.
+    the perturbed files they refer to; every audio file is decoded to check it (see the module
+    docstring).
     """
     data = read_data_dir(src, allow_empty_text=True)
     empty = [utt for utt in data.utts if not data.text[utt].strip()]
     if empty:
         logging.info(f"dropped {len(empty)} utterances with an empty transcript: {empty}")
-    infos = {
-        utt: audio_info(data.wav_scp[utt], f"{src}/wav.scp: utterance '{utt}'")
-        for utt in data.utts
-        if utt not in empty
-    }
+    checks = check_all_audio({u: data.wav_scp[u] for u in data.utts if u not in empty}, nj)
+    for utt, check in checks.items():
+        if check.problem is None and check.num_samples < min_audio_dur * check.samplerate:
+            checks[utt] = check._replace(problem=(
+                f"{data.wav_scp[utt]} is {check.num_samples / check.samplerate:.3f} s long, "
+                f"shorter than --min_audio_dur {min_audio_dur} s"))
+    bad = [f"utterance '{utt}': {check.problem}" for utt, check in checks.items() if check.problem]
+    if bad:
+        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        if bad_audio == "fail":
+            raise UserError(
+                f"{src}/wav.scp: {len(bad)} of {len(checks)} audio files cannot be used "
+                f"(--bad_audio drop leaves them out):\n  {listing}"
+            )
+        logging.warning(f"{src}/wav.scp: dropped {len(bad)} unusable audio files:\n  {listing}")
     out = DataDir(wav_scp={}, text={}, utt2spk={}, utt2num_samples={})
     copies, too_short, too_long = [], [], []
     for factor in factors:
         prefix = "" if factor == 1 else f"{perturbation_name(factor)}-"
         audio_dir = (dst / "audio" / perturbation_name(factor)).resolve()
-        for utt, info in infos.items():
-            new_utt, num_samples = prefix + utt, perturbed_length(info.frames, factor)
-            duration = num_samples / info.samplerate
+        for utt, check in checks.items():
+            if check.problem:
+                continue
+            new_utt, num_samples = prefix + utt, perturbed_length(check.num_samples, factor)
+            duration = num_samples / check.samplerate
             if duration < min_dur or duration > max_dur:
                 (too_short if duration < min_dur else too_long).append(new_utt)
                 continue
@@ -133,7 +207,7 @@ def select(
                 out.wav_scp[new_utt] = source
             else:
                 target = str(audio_dir / f"{utt}.flac")
-                copies.append(PerturbedCopy(source, target, factor, num_samples, info.samplerate))
+                copies.append(PerturbedCopy(source, target, factor, num_samples, check.samplerate))
                 out.wav_scp[new_utt] = target
             out.text[new_utt] = data.text[utt]
             out.utt2spk[new_utt] = prefix + data.utt2spk[utt]
@@ -155,6 +229,8 @@ def format_data(
     speed_perturb_factors: list[Fraction] | None = None,
     overwrite: bool = False,
     nj: int = 1,
+    min_audio_dur: float = 0.0,
+    bad_audio: str = "fail",
 ) -> DataDir:
     """Write the formatted (and perturbed) copy of ``src`` to ``dst``; returns what was written.
 
@@ -168,7 +244,10 @@ def format_data(
         raise UserError(f"--dst {dst} must differ from --src {src}")
     if nj < 1:
         raise UserError(f"--nj {nj}: need at least 1 process")
-    out, copies = select(src, dst, min_dur, max_dur, speed_perturb_factors or [Fraction(1)])
+    if bad_audio not in BAD_AUDIO:
+        raise UserError(f"--bad_audio {bad_audio!r}: expected one of {', '.join(BAD_AUDIO)}")
+    out, copies = select(src, dst, min_dur, max_dur, speed_perturb_factors or [Fraction(1)],
+                         min_audio_dur, bad_audio, nj)
     out.check(dst)
     todo = [copy for copy in copies if not copy.exists()]
     changed = conflicts(out, dst) + [c.target for c in todo if os.path.exists(c.target)]
@@ -181,17 +260,8 @@ def format_data(
         logging.info(f"writing {len(todo)} speed-perturbed files under {dst / 'audio'}")
         for folder in {Path(copy.target).parent for copy in todo}:
             folder.mkdir(parents=True, exist_ok=True)
-        if nj > 1:
-            with ProcessPoolExecutor(nj, initializer=_single_thread) as pool:
-                list(pool.map(write_perturbed, todo, chunksize=16))
-        else:
-            threads = torch.get_num_threads()
-            _single_thread()
-            try:
-                for copy in todo:
-                    write_perturbed(copy)
-            finally:
-                torch.set_num_threads(threads)
+        with worker_pool(nj) as pool_map:
+            list(pool_map(write_perturbed, todo))
     write_data_dir(out, dst, overwrite=overwrite)
     return out
 
@@ -217,7 +287,12 @@ def get_parser() -> argparse.ArgumentParser:
         default=None,
         help="e.g. '0.9 1.0 1.1'; 1.0 keeps the original utterances",
     )
-    parser.add_argument("--nj", type=int, default=1, help="processes writing perturbed audio")
+    parser.add_argument("--min_audio_dur", type=float, default=0.0,
+                        help="seconds; shorter audio is unusable (for sets without --min_dur)")
+    parser.add_argument("--bad_audio", choices=BAD_AUDIO, default="fail",
+                        help="unusable audio: fail listing it, or drop it with a warning")
+    parser.add_argument("--nj", type=int, default=1,
+                        help="processes decoding and writing audio")
     add_overwrite_option(parser)
     return parser
 
@@ -227,11 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     format_data(
         args.src,
         args.dst,
-        args.min_dur,
-        args.max_dur,
-        args.speed_perturb_factors,
-        args.overwrite,
-        args.nj,
+        min_dur=args.min_dur,
+        max_dur=args.max_dur,
+        speed_perturb_factors=args.speed_perturb_factors,
+        overwrite=args.overwrite,
+        nj=args.nj,
+        min_audio_dur=args.min_audio_dur,
+        bad_audio=args.bad_audio,
     )
 
 

@@ -7,15 +7,21 @@
 #
 # Stages:
 #   1  data preparation (local/data.sh) into Kaldi-style dirs under data/
-#   2  formatting into dump/raw/: durations, min/max duration and empty-text filters, speed perturbation
+#   2  formatting into dump/raw/: every audio file decoded and checked, durations, filters, speed perturbation
 #   3  tokenization: sentencepiece model on the training text and ESPnet's token list
 #   4  statistics collection (ESPnet --collect_stats, nj jobs, aggregated): global MVN and shapes
-#   5  ASR training with ESPnet's trainer (CPU, GPU, multi-GPU, torchrun, slurm; resumes)
+#   5  ASR training with ESPnet's trainer (CPU, GPU, multi-GPU, torchrun, slurm; resumes), or
+#      fine-tuning of a trained model (--finetune_from), its attention first converted to MLA or
+#      GQA if asked (--convert_args)
 #   6  LM statistics collection (only with --use_lm true)
 #   7  LM training (only with --use_lm true)
 #   8  decoding with ESPnet's beam search in --inference_nj parallel jobs, merged
 #   9  scoring: WER and CER with S/D/I counts, alignments and result.json per test set
 #   10 comparison report (table and plots) over every scored model under exp/
+#
+# Every output records what it was made from (options, input file contents, config sections) in a
+# .stamp file: a re-run skips what is up to date and redoes, saying why, what its inputs changed.
+# A training made from other inputs is never replaced unasked: --overwrite true trains it again.
 set -euo pipefail
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (${0##*/}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"; }
@@ -27,7 +33,7 @@ readonly min_stage=1 max_stage=10
 stage=1                  # first stage to run
 stop_stage=10            # last stage to run
 python=python3           # the Python that has espnet_plugin installed
-nj=4                     # parallel jobs for statistics collection
+nj=4                     # parallel jobs for formatting and statistics collection
 inference_nj=2           # parallel jobs for decoding
 ngpu=0                   # GPUs per node (0: CPU)
 num_nodes=1              # nodes for multi-node training
@@ -38,7 +44,7 @@ master_addr=localhost    # torchrun: rank 0's address
 master_port=29500        # torchrun: rank 0's port
 dumpdir=dump
 expdir=exp
-skip_done=true           # skip work whose completion marker exists (false: redo it)
+overwrite=false          # true: redo the selected stages' outputs although up to date (a training starts over)
 
 # Data options
 local_data_opts=         # options passed to local/data.sh
@@ -46,9 +52,10 @@ train_set=               # training set name under data/
 valid_set=               # validation set name under data/
 test_sets=               # test set names under data/ (space separated)
 fs=16k                   # sampling rate of the audio (16k, 8k, ...)
-min_wav_duration=0.1     # seconds; shorter utterances are dropped from training
+min_wav_duration=0.1     # seconds; shorter utterances are dropped from training, unusable in test sets
 max_wav_duration=20      # seconds; longer utterances are dropped from training
 speed_perturb_factors=   # e.g. "0.9 1.0 1.1"; empty: no speed perturbation
+bad_audio=fail           # unreadable, empty or too short audio: fail (listing it) | drop (with a warning)
 
 # Tokenization options
 lang=en
@@ -61,9 +68,14 @@ bpe_char_cover=1.0
 asr_config=              # training YAML
 asr_tag=                 # experiment name suffix (default: the config's name)
 asr_args=                # extra arguments for asr_train
+finetune_from=           # an exp dir: fine-tune its model instead of training from --asr_config
+convert_args=            # with --finetune_from: convert its attention first, e.g. "--target mla --kv_latent_dim 64"
+finetune_epochs=4        # with --finetune_from: epochs (0: decode the starting model as it is)
+finetune_lr_scale=0.1    # with --finetune_from: learning rate as a share of the starting model's
+finetune_warmup_steps=100  # with --finetune_from: warm-up steps of the fine-tuning
 feats_normalize=global_mvn
 inference_config=        # decoding YAML
-inference_args=          # extra arguments for asr_inference
+inference_args=          # extra arguments for asr_inference (they name the decode dir)
 inference_asr_model=valid.acc.ave.pth
 
 # LM options
@@ -73,7 +85,7 @@ lm_tag=
 lm_args=
 inference_lm=valid.loss.ave.pth
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; echo; echo "Options (default):"; \
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; echo; echo "Options (default):"; \
     grep -E '^[a-z_]+=.*#' "$0" | sed 's/^/  --/; s/=/ (/; s/ *#/) #/'; }
 
 # ---- option parsing: --name value or --name=value for every variable declared above ----
@@ -91,24 +103,50 @@ while [ $# -gt 0 ]; do
     printf -v "${name}" '%s' "${value}"
 done
 
+# ---- every check that needs no stage's output, before any stage runs ----
+runs() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
+require() {  # require <path> <what makes it>
+    [ -e "$1" ] || die "missing $1: it is made by $2; run that first"
+}
+one_of() {  # one_of <option name> <allowed values...>
+    local name=$1 value=${!1}; shift
+    [[ " $* " == *" ${value} "* ]] || die "--${name} '${value}': expected one of: $*"
+}
 for n in stage stop_stage; do
     [[ ${!n} =~ ^[0-9]+$ ]] && [ "${!n}" -ge ${min_stage} ] && [ "${!n}" -le ${max_stage} ] \
         || die "unknown --${n} ${!n}: stages are ${min_stage}..${max_stage} (see --help)"
 done
 [ "${stage}" -le "${stop_stage}" ] || die "--stage ${stage} is after --stop_stage ${stop_stage}"
-case "${launcher}" in local|torchrun|slurm) ;; *) die "unknown --launcher ${launcher}: local, torchrun or slurm" ;; esac
-case "${token_type}" in bpe|char) ;; *) die "unknown --token_type ${token_type}: bpe or char" ;; esac
-case "${use_lm}" in true|false) ;; *) die "--use_lm must be true or false, got '${use_lm}'" ;; esac
+for n in nj inference_nj ngpu num_nodes; do
+    [[ ${!n} =~ ^[0-9]+$ ]] || die "--${n} '${!n}': expected a whole number"
+done
+[ "${nj}" -ge 1 ] && [ "${inference_nj}" -ge 1 ] || die "--nj and --inference_nj must be at least 1"
+one_of launcher local torchrun slurm
+one_of token_type bpe char
+one_of use_lm true false
+one_of overwrite true false
+one_of bad_audio fail drop
 [ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
     || die "--train_set, --valid_set and --test_sets are required"
-
-runs() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
-require() {  # require <path> <what makes it>
-    [ -e "$1" ] || die "missing $1: it is made by $2; run that first"
-}
-done_marker() { echo "$1/.done"; }
-is_done() { [ "${skip_done}" = true ] && [ -e "$(done_marker "$1")" ]; }
-mark_done() { date > "$(done_marker "$1")"; }
+[[ ${finetune_epochs} =~ ^[0-9]+$ ]] || die "--finetune_epochs '${finetune_epochs}': expected a whole number"
+[ -z "${convert_args}" ] || [ -n "${finetune_from}" ] || die "--convert_args needs --finetune_from (the model to convert)"
+if [ -n "${finetune_from}" ]; then
+    [ -z "${asr_config}" ] || die "give either --asr_config (train) or --finetune_from (fine-tune), not both"
+    if runs 4 || runs 5; then
+        require "${finetune_from}/config.yaml" "the training of the model to fine-tune"
+        require "${finetune_from}/${inference_asr_model}" "the training of the model to fine-tune"
+    fi
+elif runs 4 || runs 5; then
+    [ -n "${asr_config}" ] || die "--asr_config is required by stages 4 and 5"
+    require "${asr_config}" "you (the --asr_config YAML)"
+fi
+if runs 8 && [ -n "${inference_config}" ]; then
+    require "${inference_config}" "you (the --inference_config YAML)"
+fi
+if [ "${use_lm}" = true ] && { runs 6 || runs 7 || runs 8; }; then
+    [ -n "${lm_config}" ] || die "--use_lm true needs --lm_config (the LM's training YAML)"
+    require "${lm_config}" "you (the --lm_config YAML)"
+fi
 
 mkdir -p "${expdir}/logs"
 run_log="${expdir}/logs/asr.sh.$(date '+%Y%m%dT%H%M%S').log"
@@ -130,10 +168,14 @@ fi
 token_list=${token_dir}/tokens.txt
 [ "${token_type}" = bpe ] && token_suffix=${token_type}${nbpe} || token_suffix=${token_type}
 asr_stats_dir=${expdir}/asr_stats_raw_${lang}_${token_suffix}${sp_suffix}
-if [ -z "${asr_tag}" ]; then
+if [ -z "${asr_tag}" ] && [ -n "${finetune_from}" ]; then
+    asr_tag=$(basename "${finetune_from}"); asr_tag=${asr_tag#asr_}_finetune
+elif [ -z "${asr_tag}" ]; then
     [ -n "${asr_config}" ] && asr_tag=$(basename "${asr_config}" .yaml) || asr_tag=default
     asr_tag+=_raw_${lang}_${token_suffix}${sp_suffix}
 fi
+# The config whose frontend the statistics follow (a fine-tuned model keeps its starting one's).
+stats_config=${asr_config:-${finetune_from:+${finetune_from}/config.yaml}}
 asr_exp=${expdir}/asr_${asr_tag}
 lm_stats_dir=${expdir}/lm_stats_${lang}_${token_suffix}
 [ -z "${lm_tag}" ] && [ -n "${lm_config}" ] && lm_tag=$(basename "${lm_config}" .yaml)
@@ -142,9 +184,15 @@ lm_text=${dumpdir}/raw/lm_train.txt
 
 token_opts=(--token_type "${token_type}" --token_list "${token_list}" --bpemodel "${bpemodel}"
             --non_linguistic_symbols none --cleaner none --g2p none)
+token_files=("${token_list}")
+[ "${token_type}" = bpe ] && token_files+=("${bpemodel}")
 data_opts() {  # data_opts <train|valid> <dump dir>
     echo "--$1_data_path_and_name_and_type $2/wav.scp,speech,sound" \
          "--$1_data_path_and_name_and_type $2/text,text,text"
+}
+file_opts() {  # file_opts <file>...: the --file arguments of a stamp
+    local f
+    for f in "$@"; do printf -- '--file\n%s\n' "${f}"; done
 }
 split_keys() {  # split_keys <scp> <n> <out prefix>: n key files <out prefix>.1 .. .n
     local n
@@ -167,13 +215,45 @@ run_jobs() {  # run_jobs <n> <log prefix> <command with JOB>: n parallel jobs, f
     for i in "${!pids[@]}"; do wait "${pids[$i]}" || { failed=1; log "job $((i + 1)) failed: see ${prefix}.$((i + 1)).log"; }; done
     [ "${failed}" = 0 ] || die "some jobs failed (logs: ${prefix}.*.log)"
 }
+add_vocabulary_size() {  # add_vocabulary_size <stats dir>: the text shapes ESPnet's batching reads
+    local part n_tokens
+    n_tokens=$(wc -l < "${token_list}")
+    for part in train valid; do
+        awk -v N="${n_tokens}" '{ print $0 "," N }' "$1/${part}/text_shape" \
+            > "$1/${part}/text_shape.${token_type}"
+    done
+}
+
+# ---- stamps: what each output was made from ----
+stamp() { ${python} -m espnet_plugin.recipe.stamp "$@"; }
+needs_work() {  # needs_work <dir> <stamp inputs...>: true when <dir> must be (re)made; logs why
+    local dir=$1 state
+    shift
+    if [ "${overwrite}" = true ]; then
+        log "  ${dir}: making it again (--overwrite true)"
+        return 0
+    fi
+    state=$(stamp check --dir "${dir}" "$@") || die "cannot check what ${dir} was made from"
+    case "${state}" in
+        current) log "  ${dir}: up to date"; return 1 ;;
+        absent)
+            [ -d "${dir}" ] && log "  ${dir}: no record of what it was made from; making it again"
+            return 0 ;;
+        *)
+            log "  ${dir}: its inputs changed since it was made; making it again:"
+            tail -n +2 <<<"${state}" | while IFS= read -r line; do log "    ${line}"; done
+            return 0 ;;
+    esac
+}
 
 # ---- 1: data preparation ----
 if runs 1; then
     log "Stage 1: data preparation: local/data.sh ${local_data_opts}"
     require local/data.sh "the recipe (each recipe has its own local/data.sh)"
+    data_sh_opts=()
+    [ "${overwrite}" = true ] && data_sh_opts+=(--overwrite)
     # shellcheck disable=SC2086
-    local/data.sh ${local_data_opts}
+    local/data.sh ${local_data_opts} "${data_sh_opts[@]}"
     for dset in "${train_set}" "${valid_set}" ${test_sets}; do
         require "data/${dset}/wav.scp" "local/data.sh (stage 1)"
     done
@@ -181,20 +261,23 @@ fi
 
 # ---- 2: formatting ----
 if runs 2; then
-    log "Stage 2: formatting data/ into ${dumpdir}/raw/"
+    log "Stage 2: formatting data/ into ${dumpdir}/raw/ (every audio file is decoded to check it)"
     for dset in "${train_set}" "${valid_set}" ${test_sets}; do
         require "data/${dset}/wav.scp" "stage 1 (data preparation)"
-        opts=(--src "data/${dset}")
+        opts=(--src "data/${dset}" --bad_audio "${bad_audio}")
         if [ "${dset}" = "${train_set}" ]; then
             out=${train_dump}
             opts+=(--min_dur "${min_wav_duration}" --max_dur "${max_wav_duration}")
             [ -n "${speed_perturb_factors}" ] && opts+=(--speed_perturb_factors "${speed_perturb_factors}")
         else
-            out=${dumpdir}/raw/${dset}   # keep every utterance of the evaluation sets
+            out=${dumpdir}/raw/${dset}   # every utterance of an evaluation set, or an error
+            opts+=(--min_audio_dur "${min_wav_duration}")
         fi
-        is_done "${out}" && { log "  ${out}: already formatted"; continue; }
-        ${python} -m espnet_plugin.recipe.format_data "${opts[@]}" --nj "${nj}" --dst "${out}"
-        mark_done "${out}"
+        mapfile -t inputs < <(file_opts "data/${dset}/"{wav.scp,text,utt2spk})
+        inputs+=(--option "format_data=${opts[*]}")
+        needs_work "${out}" "${inputs[@]}" || continue
+        ${python} -m espnet_plugin.recipe.format_data "${opts[@]}" --nj "${nj}" --dst "${out}" --overwrite
+        stamp write --dir "${out}" "${inputs[@]}"
     done
 fi
 
@@ -202,14 +285,16 @@ fi
 if runs 3; then
     log "Stage 3: ${token_type} tokenization on ${train_dump}/text into ${token_dir}"
     require "${train_dump}/text" "stage 2 (formatting)"
-    if is_done "${token_dir}"; then
-        log "  ${token_list}: already made"
-    else
+    mapfile -t inputs < <(file_opts "${train_dump}/text")
+    inputs+=(--option "token_type=${token_type}" --option "nbpe=${nbpe}"
+             --option "bpemode=${bpemode}" --option "bpe_char_cover=${bpe_char_cover}")
+    if needs_work "${token_dir}" "${inputs[@]}"; then
+        rm -rf "${token_dir}"
         mkdir -p "${token_dir}"
         ${python} -m espnet_plugin.recipe.tokenizer --text "${train_dump}/text" \
             --token_type "${token_type}" --out_dir "${token_dir}" \
             --nbpe "${nbpe}" --bpemode "${bpemode}" --char_cover "${bpe_char_cover}"
-        mark_done "${token_dir}"
+        stamp write --dir "${token_dir}" "${inputs[@]}"
     fi
 fi
 
@@ -219,11 +304,10 @@ if runs 4; then
     for f in "${train_dump}/wav.scp" "${valid_dump}/wav.scp" "${token_list}"; do
         require "$f" "stages 2-3"
     done
-    [ -n "${asr_config}" ] || die "--asr_config is required from stage 4 on"
-    require "${asr_config}" "you (the --asr_config YAML)"
-    if is_done "${asr_stats_dir}"; then
-        log "  ${asr_stats_dir}: already collected"
-    else
+    mapfile -t inputs < <(file_opts "${train_dump}/"{wav.scp,text} "${valid_dump}/"{wav.scp,text} "${token_files[@]}")
+    inputs+=(--option "fs=${fs}" --config "${stats_config}:frontend,frontend_conf")
+    if needs_work "${asr_stats_dir}" "${inputs[@]}"; then
+        rm -rf "${asr_stats_dir}"
         logdir=${asr_stats_dir}/logdir
         mkdir -p "${logdir}"
         n=$(split_keys "${train_dump}/wav.scp" "${nj}" "${logdir}/train.scp")
@@ -236,16 +320,12 @@ if runs 4; then
             --collect_stats true --use_preprocessor true "${token_opts[@]}" \
             $(data_opts train "${train_dump}") $(data_opts valid "${valid_dump}") \
             --train_shape_file "${logdir}/train.scp.JOB" --valid_shape_file "${logdir}/valid.scp.JOB" \
-            --output_dir "${logdir}/stats.JOB" --config "${asr_config}" --frontend_conf "fs=${fs}"
-        inputs=()
-        for i in $(seq 1 "${n}"); do inputs+=(--input_dir "${logdir}/stats.${i}"); done
-        ${python} -m espnet2.bin.aggregate_stats_dirs "${inputs[@]}" --output_dir "${asr_stats_dir}"
-        n_tokens=$(wc -l < "${token_list}")
-        for part in train valid; do
-            awk -v N="${n_tokens}" '{ print $0 "," N }' "${asr_stats_dir}/${part}/text_shape" \
-                > "${asr_stats_dir}/${part}/text_shape.${token_type}"
-        done
-        mark_done "${asr_stats_dir}"
+            --output_dir "${logdir}/stats.JOB" --config "${stats_config}" --frontend_conf "fs=${fs}"
+        inputs_dirs=()
+        for i in $(seq 1 "${n}"); do inputs_dirs+=(--input_dir "${logdir}/stats.${i}"); done
+        ${python} -m espnet2.bin.aggregate_stats_dirs "${inputs_dirs[@]}" --output_dir "${asr_stats_dir}"
+        add_vocabulary_size "${asr_stats_dir}"
+        stamp write --dir "${asr_stats_dir}" "${inputs[@]}"
     fi
 fi
 
@@ -268,14 +348,79 @@ train_command() {  # the launcher-specific command that runs $1 (a python module
                  "--dist_init_method file://$(pwd)/${expdir}/.dist_init_$$" ;;
     esac
 }
+discard_for_overwrite() {  # discard_for_overwrite <exp dir>: --overwrite true trains it again
+    if [ "${overwrite}" = true ] && [ -e "$1" ]; then
+        log "  $1: discarding it to train again (--overwrite true)"
+        rm -rf "$1"
+    fi
+}
+# prepare_training <exp dir> <stamp inputs...>: refuse to mix a training with other inputs into
+# one begun from different ones.
+prepare_training() {
+    local exp=$1 state
+    shift
+    state=$(stamp check --dir "${exp}" "$@") || die "cannot check what ${exp} was made from"
+    if [ "${state}" = absent ] && compgen -G "${exp}/*.pth" > /dev/null; then
+        die "${exp} holds a training with no record of what it was made from; train under another" \
+            "--asr_tag (or --lm_tag), or pass --overwrite true to discard it and train again"
+    fi
+    if [ "${state%%$'\n'*}" = stale ]; then
+        die "${exp} was trained from other inputs:"$'\n'"$(tail -n +2 <<<"${state}")"$'\n'"Train" \
+            "under another --asr_tag (or --lm_tag) to keep both, or pass --overwrite true to" \
+            "discard it and train again"
+    fi
+    mkdir -p "${exp}"
+    stamp write --dir "${exp}" "$@"   # before training: a resumed run must see the same inputs
+}
 
 if runs 5; then
-    log "Stage 5: ASR training into ${asr_exp}"
-    [ -n "${asr_config}" ] || die "--asr_config is required from stage 4 on"
-    for f in "${asr_config}" "${asr_stats_dir}/train/feats_stats.npz" "${asr_stats_dir}/train/text_shape.${token_type}"; do
+    for f in "${asr_stats_dir}/train/feats_stats.npz" "${asr_stats_dir}/train/text_shape.${token_type}"; do
         require "$f" "stage 4 (statistics)"
     done
-    mkdir -p "${asr_exp}"
+    discard_for_overwrite "${asr_exp}"
+    train_config=${asr_config}
+    if [ -n "${finetune_from}" ]; then
+        log "Stage 5: fine-tuning ${finetune_from}/${inference_asr_model} into ${asr_exp}"
+        start_config=${finetune_from}/config.yaml
+        start_model=${finetune_from}/${inference_asr_model}
+        if [ -n "${convert_args}" ]; then
+            conversion=${asr_exp}/conversion
+            mapfile -t inputs < <(file_opts "${start_config}" "${start_model}" "${valid_dump}/"{wav.scp,text})
+            inputs+=(--option "convert_args=${convert_args}")
+            if needs_work "${conversion}" "${inputs[@]}"; then
+                rm -rf "${conversion}"
+                # shellcheck disable=SC2086
+                ${python} -m espnet_plugin.bin.convert_attention --asr_train_config "${start_config}" \
+                    --asr_model_file "${start_model}" --out_dir "${conversion}" \
+                    --calib_data "${valid_dump}/wav.scp" --device "$( [ "${ngpu}" -gt 0 ] && echo cuda || echo cpu )" \
+                    ${convert_args} | tee "${asr_exp}/conversion.log"
+                stamp write --dir "${conversion}" "${inputs[@]}"
+            fi
+            start_config=${conversion}/config.yaml
+            start_model=${conversion}/model.pth
+        fi
+        if [ "${finetune_epochs}" = 0 ]; then
+            log "  --finetune_epochs 0: ${asr_exp} decodes ${start_model} as it is"
+            mkdir -p "${asr_exp}"
+            cp "${start_config}" "${asr_exp}/config.yaml"
+            cp "${start_model}" "${asr_exp}/${inference_asr_model}"
+        else
+            train_config=${asr_exp}/finetune.yaml
+            ${python} -m espnet_plugin.recipe.finetune_config --config "${start_config}" \
+                --epochs "${finetune_epochs}" --lr_scale "${finetune_lr_scale}" \
+                --warmup_steps "${finetune_warmup_steps}" --out "${train_config}"
+            asr_args="--init_param ${start_model} ${asr_args}"
+        fi
+    else
+        log "Stage 5: ASR training into ${asr_exp}"
+    fi
+fi
+if runs 5 && [ -n "${train_config}" ]; then
+    mapfile -t inputs < <(file_opts "${train_config}" "${train_dump}/"{wav.scp,text} \
+        "${valid_dump}/"{wav.scp,text} "${token_files[@]}" "${asr_stats_dir}/train/feats_stats.npz")
+    [ -n "${finetune_from}" ] && mapfile -t -O "${#inputs[@]}" inputs < <(file_opts "${start_model}")
+    inputs+=(--option "asr_args=${asr_args}" --option "fs=${fs}" --option "normalize=${feats_normalize}")
+    prepare_training "${asr_exp}" "${inputs[@]}"
     log "  launcher ${launcher}, ${ngpu} GPU(s) per node, ${num_nodes} node(s); log: ${asr_exp}/train.log"
     log "  an interrupted training resumes from ${asr_exp}/checkpoint.pth when this stage is re-run"
     # shellcheck disable=SC2046,SC2086
@@ -289,57 +434,58 @@ if runs 5; then
         --resume true --fold_length 80000 --fold_length 150 \
         --frontend_conf "fs=${fs}" --normalize "${feats_normalize}" \
         --normalize_conf "stats_file=${asr_stats_dir}/train/feats_stats.npz" \
-        --config "${asr_config}" --output_dir "${asr_exp}" ${asr_args} >> "${asr_exp}/train.log" 2>&1 \
+        --config "${train_config}" --output_dir "${asr_exp}" ${asr_args} >> "${asr_exp}/train.log" 2>&1 \
         || { tail -n 30 "${asr_exp}/train.log"; die "training failed: see ${asr_exp}/train.log"; }
     require "${asr_exp}/${inference_asr_model}" "ESPnet's trainer (checkpoint averaging at the end of training)"
     log "  done: ${asr_exp}/${inference_asr_model}"
 fi
 
 # ---- 6-7: language model ----
-if runs 6 || runs 7; then
-    if [ "${use_lm}" = false ]; then
-        log "Stages 6-7: skipped: no LM (--use_lm false)"
-    else
-        [ -n "${lm_config}" ] || die "--use_lm true needs --lm_config"
-        require "${lm_config}" "you (the --lm_config YAML)"
-        require "${token_list}" "stage 3 (tokenization)"
-        if runs 6; then
-            log "Stage 6: LM text and statistics into ${lm_stats_dir}"
-            require "${train_dump}/text" "stage 2 (formatting)"
-            cut -d' ' -f2- "${train_dump}/text" | awk '{ printf "lm%08d %s\n", NR, $0 }' > "${lm_text}"
-            cut -d' ' -f2- "${valid_dump}/text" | awk '{ printf "lmdev%08d %s\n", NR, $0 }' > "${lm_text%.txt}_dev.txt"
-            mkdir -p "${lm_stats_dir}"
-            ${python} -m espnet_plugin.bin.lm_train --collect_stats true --ngpu 0 "${token_opts[@]}" \
-                --train_data_path_and_name_and_type "${lm_text},text,text" \
-                --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
-                --train_shape_file "${lm_text}" --valid_shape_file "${lm_text%.txt}_dev.txt" \
-                --config "${lm_config}" --output_dir "${lm_stats_dir}" > "${lm_stats_dir}/stats.log" 2>&1 \
-                || die "LM statistics failed: see ${lm_stats_dir}/stats.log"
-            n_tokens=$(wc -l < "${token_list}")
-            for part in train valid; do
-                awk -v N="${n_tokens}" '{ print $0 "," N }' "${lm_stats_dir}/${part}/text_shape" \
-                    > "${lm_stats_dir}/${part}/text_shape.${token_type}"
-            done
-        fi
-        if runs 7; then
-            log "Stage 7: LM training into ${lm_exp}"
-            require "${lm_stats_dir}/train/text_shape.${token_type}" "stage 6 (LM statistics)"
-            mkdir -p "${lm_exp}"
-            # shellcheck disable=SC2046,SC2086
-            $(train_command espnet_plugin.bin.lm_train) "${token_opts[@]}" \
-                --train_data_path_and_name_and_type "${lm_text},text,text" \
-                --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
-                --train_shape_file "${lm_stats_dir}/train/text_shape.${token_type}" \
-                --valid_shape_file "${lm_stats_dir}/valid/text_shape.${token_type}" \
-                --resume true --fold_length 150 --config "${lm_config}" --output_dir "${lm_exp}" ${lm_args} \
-                >> "${lm_exp}/train.log" 2>&1 || die "LM training failed: see ${lm_exp}/train.log"
-            require "${lm_exp}/${inference_lm}" "ESPnet's LM trainer"
-        fi
+if [ "${use_lm}" = false ] && { runs 6 || runs 7; }; then
+    log "Stages 6-7: skipped: no LM (--use_lm false)"
+fi
+if [ "${use_lm}" = true ] && runs 6; then
+    log "Stage 6: LM text and statistics into ${lm_stats_dir}"
+    require "${train_dump}/text" "stage 2 (formatting)"
+    require "${token_list}" "stage 3 (tokenization)"
+    cut -d' ' -f2- "${train_dump}/text" | awk '{ printf "lm%08d %s\n", NR, $0 }' > "${lm_text}"
+    cut -d' ' -f2- "${valid_dump}/text" | awk '{ printf "lmdev%08d %s\n", NR, $0 }' > "${lm_text%.txt}_dev.txt"
+    mapfile -t inputs < <(file_opts "${lm_text}" "${lm_text%.txt}_dev.txt" "${token_files[@]}")
+    if needs_work "${lm_stats_dir}" "${inputs[@]}"; then
+        rm -rf "${lm_stats_dir}"
+        mkdir -p "${lm_stats_dir}"
+        ${python} -m espnet_plugin.bin.lm_train --collect_stats true --ngpu 0 "${token_opts[@]}" \
+            --train_data_path_and_name_and_type "${lm_text},text,text" \
+            --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
+            --train_shape_file "${lm_text}" --valid_shape_file "${lm_text%.txt}_dev.txt" \
+            --config "${lm_config}" --output_dir "${lm_stats_dir}" > "${lm_stats_dir}/stats.log" 2>&1 \
+            || die "LM statistics failed: see ${lm_stats_dir}/stats.log"
+        add_vocabulary_size "${lm_stats_dir}"
+        stamp write --dir "${lm_stats_dir}" "${inputs[@]}"
     fi
+fi
+if [ "${use_lm}" = true ] && runs 7; then
+    log "Stage 7: LM training into ${lm_exp}"
+    require "${lm_stats_dir}/train/text_shape.${token_type}" "stage 6 (LM statistics)"
+    discard_for_overwrite "${lm_exp}"
+    mapfile -t inputs < <(file_opts "${lm_config}" "${lm_text}" "${lm_text%.txt}_dev.txt" "${token_files[@]}")
+    inputs+=(--option "lm_args=${lm_args}")
+    prepare_training "${lm_exp}" "${inputs[@]}"
+    # shellcheck disable=SC2046,SC2086
+    $(train_command espnet_plugin.bin.lm_train) "${token_opts[@]}" \
+        --train_data_path_and_name_and_type "${lm_text},text,text" \
+        --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
+        --train_shape_file "${lm_stats_dir}/train/text_shape.${token_type}" \
+        --valid_shape_file "${lm_stats_dir}/valid/text_shape.${token_type}" \
+        --resume true --fold_length 150 --config "${lm_config}" --output_dir "${lm_exp}" ${lm_args} \
+        >> "${lm_exp}/train.log" 2>&1 || die "LM training failed: see ${lm_exp}/train.log"
+    require "${lm_exp}/${inference_lm}" "ESPnet's LM trainer"
 fi
 
 # ---- 8: decoding ----
+# The decode dir names the decoding config, the options given on top of it and the models.
 decode_tag=$( [ -n "${inference_config}" ] && basename "${inference_config}" .yaml || echo decode )
+[ -n "${inference_args}" ] && decode_tag+=$(sed -e 's/--/_/g' -e 's/[ =]//g' <<<" ${inference_args}")
 [ "${use_lm}" = true ] && decode_tag+=_lm_${lm_tag:-none}_${inference_lm%.pth}
 decode_tag+=_asr_model_${inference_asr_model%.pth}
 
@@ -348,15 +494,23 @@ if runs 8; then
     require "${asr_exp}/config.yaml" "stage 5 (training)"
     require "${asr_exp}/${inference_asr_model}" "stage 5 (training)"
     inference_opts=(--asr_train_config "${asr_exp}/config.yaml" --asr_model_file "${asr_exp}/${inference_asr_model}")
-    [ -n "${inference_config}" ] && { require "${inference_config}" "you (--inference_config)"; inference_opts+=(--config "${inference_config}"); }
+    model_files=("${asr_exp}/config.yaml" "${asr_exp}/${inference_asr_model}")
+    if [ -n "${inference_config}" ]; then
+        inference_opts+=(--config "${inference_config}")
+        model_files+=("${inference_config}")
+    fi
     if [ "${use_lm}" = true ]; then
         require "${lm_exp}/${inference_lm}" "stage 7 (LM training)"
         inference_opts+=(--lm_train_config "${lm_exp}/config.yaml" --lm_file "${lm_exp}/${inference_lm}")
+        model_files+=("${lm_exp}/config.yaml" "${lm_exp}/${inference_lm}")
     fi
     for dset in ${test_sets}; do
         dir=${asr_exp}/${decode_tag}/${dset}
-        is_done "${dir}" && { log "  ${dir}: already decoded"; continue; }
         require "${dumpdir}/raw/${dset}/wav.scp" "stage 2 (formatting)"
+        mapfile -t inputs < <(file_opts "${model_files[@]}" "${dumpdir}/raw/${dset}/wav.scp")
+        inputs+=(--option "inference_args=${inference_args}")
+        needs_work "${dir}" "${inputs[@]}" || continue
+        rm -rf "${dir}"
         logdir=${dir}/logdir
         mkdir -p "${logdir}"
         n=$(split_keys "${dumpdir}/raw/${dset}/wav.scp" "${inference_nj}" "${logdir}/keys")
@@ -371,7 +525,7 @@ if runs 8; then
             for i in $(seq 1 "${n}"); do cat "${logdir}/output.${i}/1best_recog/${f}"; done \
                 | LC_ALL=C sort -k1,1 > "${dir}/${f}"
         done
-        mark_done "${dir}"
+        stamp write --dir "${dir}" "${inputs[@]}"
     done
 fi
 
@@ -382,8 +536,11 @@ if runs 9; then
         dir=${asr_exp}/${decode_tag}/${dset}
         require "${dir}/text" "stage 8 (decoding)"
         for unit in word char; do
+            mapfile -t inputs < <(file_opts "${dumpdir}/raw/${dset}/text" "${dir}/text")
+            needs_work "${dir}/score_${unit}" "${inputs[@]}" || continue
             ${python} -m espnet_plugin.recipe.score --ref "${dumpdir}/raw/${dset}/text" \
                 --hyp "${dir}/text" --unit "${unit}" --name "${dset}" --out_dir "${dir}/score_${unit}"
+            stamp write --dir "${dir}/score_${unit}" "${inputs[@]}"
         done
         log "  ${dset}: $(grep -h . "${dir}/score_word/result.txt" | tail -n 1)"
     done
