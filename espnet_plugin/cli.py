@@ -13,9 +13,11 @@ class UserError(ValueError):
     """Bad input: a missing or malformed file, a bad option value, unreadable audio."""
 
 
-def run(main: Callable[[], object], log_level: int = logging.INFO) -> None:
-    """Run a command's ``main``: log to stderr, and a user error ends it in one line."""
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+def run(main: Callable[[], object], log_level: int | None = logging.INFO) -> None:
+    """Run a command's ``main``: log to stderr (unless ``log_level`` is None: a program that
+    configures logging itself runs next), and a user error ends it in one line."""
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format=LOG_FORMAT)
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     prog = spec.name if spec is not None else sys.argv[0]
     try:

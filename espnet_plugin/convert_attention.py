@@ -19,12 +19,11 @@ Run it from the recipe folder (config.yaml names files relative to it). Calibrat
 """
 
 import argparse
-import inspect
 import json
 import logging
 import math
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -37,6 +36,7 @@ from torch import nn
 
 import espnet_plugin  # noqa: F401  (registers the plugin's classes before a config is read)
 from espnet_plugin.cli import UserError
+from espnet_plugin.hooks import intercepted
 from espnet_plugin.nets.attention import Attention, GroupedQueryAttention, key_mask
 from espnet_plugin.nets.attention_conversion import (
     FACTORIZATIONS,
@@ -246,26 +246,6 @@ def forward_each(model: nn.Module, utterances: list[Utterance], device: str) -> 
 
 
 # ---------------------------------------------------------------- watching attention calls
-
-
-@contextmanager
-def intercepted(module: nn.Module, method: str, callback: Callable):
-    """Call ``callback(bound arguments, result)`` after each ``module.<method>`` call."""
-    original = getattr(module, method)
-    signature = inspect.signature(original)
-
-    def wrapper(*args, **kwargs):
-        result = original(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        callback(bound.arguments, result)
-        return result
-
-    setattr(module, method, wrapper)
-    try:
-        yield
-    finally:
-        delattr(module, method)
 
 
 def watch(site: Site, on_call: Callable) -> list:

@@ -6,18 +6,27 @@
   later resume with torch's "central directory" error.
 * A checkpoint that cannot be read (cut short before this existed, or a full disk) stops the
   resume with a message naming it and the way out, instead of torch's error alone.
-* Audio that cannot be read while ESPnet loads it names the wav.scp, the utterance and the file
-  (ESPnet's reader lets soundfile's error through, which names none of them), and an empty file is
-  refused there instead of failing later in padding.
+* Audio that cannot be read while ESPnet loads it names the file (and, in training, the wav.scp
+  and the utterance): ESPnet lets soundfile's error through, which from a loader's worker process
+  arrives as "<exception str() failed>". An empty file is refused there instead of failing later
+  in padding. Before decoding starts, :func:`check_audio_inputs` reads every listed file's header
+  and names each utterance whose audio is missing, unreadable or empty.
 """
 
+import argparse
 import functools
 import os
 from pathlib import Path
+from typing import Sequence
 
+import soundfile
 import torch
 from espnet2.fileio.sound_scp import SoundScpReader
+from espnet2.train import iterable_dataset
 from espnet2.train.trainer import Trainer
+
+from espnet_plugin.cli import UserError
+from espnet_plugin.recipe.kaldi_data import read_table
 
 _torch_save = torch.save
 
@@ -72,9 +81,54 @@ def _named_audio(getitem):
     return wrapper
 
 
+def _named_sound_file(read):
+    @functools.wraps(read)
+    def wrapper(path):
+        try:
+            array = read(path)
+        except (RuntimeError, OSError) as err:
+            raise RuntimeError(f"cannot read audio file {path}: {err}") from None
+        if array.size == 0:
+            raise RuntimeError(f"audio file {path} is empty (0 samples)")
+        return array
+
+    return wrapper
+
+
+def check_audio_inputs(argv: Sequence[str]) -> None:
+    """Every utterance a decoding program is about to read (``--data_path_and_name_and_type
+    <wav.scp>,speech,sound``, restricted to ``--key_file``): its file exists, its header reads and
+    it holds samples; a UserError lists the utterances that fail."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data_path_and_name_and_type", action="append", default=[])
+    parser.add_argument("--key_file")
+    args, _ = parser.parse_known_args(argv)
+    keys = None if args.key_file is None else set(
+        read_table(args.key_file, empty_ok=True, value_name="key", sorted_ids=False))
+    problems = []
+    for triple in args.data_path_and_name_and_type:
+        scp, _, kind = triple.split(",")
+        if kind != "sound":
+            continue
+        for utt, path in read_table(scp, value_name="audio path", sorted_ids=False).items():
+            if keys is not None and utt not in keys:
+                continue
+            try:
+                frames = soundfile.info(path).frames
+            except (RuntimeError, OSError) as err:
+                problems.append(f"utterance '{utt}': cannot read audio file {path}: {err}")
+                continue
+            if frames == 0:
+                problems.append(f"utterance '{utt}': audio file {path} is empty (0 samples)")
+        if problems:
+            raise UserError(f"{scp}: {len(problems)} utterance(s) cannot be decoded:\n  "
+                            + "\n  ".join(problems[:20]))
+
+
 @functools.cache
 def install() -> None:
     """Install the safeguards into this process (once; spawned workers call it again)."""
     torch.save = atomic_save
     Trainer.resume = staticmethod(_resume_or_explain(Trainer.resume))
     SoundScpReader.__getitem__ = _named_audio(SoundScpReader.__getitem__)
+    iterable_dataset.DATA_TYPES["sound"] = _named_sound_file(iterable_dataset.DATA_TYPES["sound"])

@@ -79,6 +79,13 @@ FAST_DECODING = "--beam_size 1 --maxlenratio 0.1"
 DECODE = "decode_asr_beam_size1_maxlenratio0.1_asr_model_valid.acc.ave"
 
 
+def stats_dir(recipe: Path) -> Path:
+    """The statistics of the small recipe's usual frontend (asr.sh names them after it)."""
+    found = sorted(recipe.glob("exp/asr_stats_raw_en_char_sp_*/train/feats_stats.npz"))
+    assert len(found) == 1, found
+    return found[0].parents[1]
+
+
 def run_recipe(recipe: Path, *args: str, timeout: int = 1200, check: bool = True):
     """``run.sh *args`` in ``recipe`` with this Python first on PATH; asserts success if ``check``."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -92,10 +99,11 @@ def run_recipe(recipe: Path, *args: str, timeout: int = 1200, check: bool = True
 
 
 def copy_recipe(source: Path, target: Path, ignore=("data", "dump", "exp", "downloads")) -> Path:
-    """A copy of a recipe folder whose asr.sh still links to the repository's."""
+    """A copy of a recipe folder whose asr.sh and run_study.sh still link to the repository's."""
     shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns(*ignore))
-    (target / "asr.sh").unlink()
-    (target / "asr.sh").symlink_to(TEMPLATE_ASR)
+    for script in ("asr.sh", "run_study.sh"):
+        (target / script).unlink()
+        (target / script).symlink_to(TEMPLATE_ASR.parent / script)
     return target
 
 

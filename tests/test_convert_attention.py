@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ASR_EXP, copy_recipe
+from conftest import ASR_EXP, copy_recipe, stats_dir
 from espnet_plugin.cli import UserError
 from espnet_plugin.convert_attention import main as convert
 
@@ -41,7 +41,7 @@ def work(recipe, tmp_path_factory):
         "--config", str(exp / "train.yaml"),
         "--token_list", str(work / "data/en_token_list/char/tokens.txt"), "--token_type", "char",
         "--frontend_conf", "fs=8000", "--normalize", "global_mvn", "--normalize_conf",
-        f"stats_file={work / 'exp/asr_stats_raw_en_char_sp/train/feats_stats.npz'}",
+        f"stats_file={stats_dir(work) / 'train/feats_stats.npz'}",
     ])
     torch.manual_seed(0)
     model = ASRTask.build_model(args)

@@ -6,7 +6,9 @@ length and the frames and tokens at the last step follow by hand from the audio 
 
 The cache bytes it measures must equal the ones computed here by hand from each config's options;
 MLA and GQA keep the fraction of MHA's cache that their options give; linear attention's state
-does not grow with the number of decoded tokens; a stock-decoder model gets a clear error.
+does not grow with the number of decoded tokens; a stock decoder, which keeps no key/value cache,
+is profiled for time and memory with its cache left missing; dynamic chunking's kept frames are
+counted.
 """
 
 import json
@@ -20,8 +22,6 @@ import yaml
 from torchaudio.functional import resample
 
 import espnet_plugin  # noqa: F401
-from espnet_plugin.cli import UserError
-from espnet_plugin.recipe.report import PLOTTED_EXTRAS, folder_extras
 from conftest import LIBRISPEECH_MINI, REPO
 from espnet_plugin.benchmarks import kv_cache as profile_kv_cache
 
@@ -124,8 +124,8 @@ def profiles(tmp_path_factory, wav_scp):
         returned = profile(model_dir, wav_scp, out)
         written = json.loads((out / "decode_stats.json").read_text())
         assert written == json.loads(json.dumps(returned))
-        extras = folder_extras(out)  # what espnet_plugin.recipe.report adds to the decode's row and plots
-        assert all(isinstance(extras[key], (int, float)) for key in PLOTTED_EXTRAS)
+        for key in ("rtf", "decode_ms_per_utterance", "peak_memory_bytes", "parameters"):
+            assert isinstance(written[key], (int, float)) and written[key] > 0, key
         results[variant] = (written, config)
     return results
 
@@ -167,8 +167,12 @@ def test_measured_cache_equals_the_bytes_computed_from_the_config(profiles, vari
         mha_beam = layers * 2 * d_model * FLOAT32 * (u["hypotheses"] * u["tokens"] + u["frames"])
         beam = u["hypotheses"] * self_bytes + cross_bytes
         assert u["beam_bytes"] == beam and u["ratio_to_mha"] == pytest.approx(beam / mha_beam)
+    cache = stats["kv_cache"]
     largest = max(stats["per_utterance"], key=lambda u: u["beam_bytes"])
-    assert stats["kv_cache_bytes"] == largest["beam_bytes"]
+    assert cache["largest_beam_bytes"] == largest["beam_bytes"]
+    beams = [u["beam_bytes"] for u in stats["per_utterance"]]
+    assert cache["beam_bytes_per_utterance"] == pytest.approx(sum(beams) / len(beams))
+    assert cache["measured_equals_analytic"]
 
 
 def test_mla_and_gqa_ratios_follow_from_their_options(profiles):
@@ -185,10 +189,11 @@ def test_mla_and_gqa_ratios_follow_from_their_options(profiles):
             cross_ratio = conf["src_attention_conf"]["kv_latent_dim"] / (2 * d_model)
         else:
             self_ratio = cross_ratio = 1.0
-        assert stats["self_cache_ratio_to_mha"] == self_ratio
-        assert stats["cross_cache_ratio_to_mha"] == cross_ratio
         layers = conf["num_blocks"]
-        assert stats["self_cache_bytes_per_token"] == self_ratio * layers * 2 * d_model * FLOAT32
+        mha_per_token = layers * 2 * d_model * FLOAT32
+        assert stats["kv_cache"]["self_bytes_per_token"] == self_ratio * mha_per_token
+        assert stats["kv_cache"]["cross_bytes_per_frame"] == cross_ratio * mha_per_token
+        assert stats["kv_cache"]["ratio_to_mha_analytic"] == pytest.approx(self_ratio)
         if variant != "mha":
             assert self_ratio == 0.25 and cross_ratio == 0.25  # what the configs promise
         for u in stats["per_utterance"]:  # self and cross both a quarter: the beam too
@@ -200,26 +205,45 @@ def test_linear_attention_state_does_not_grow_with_length(profiles):
     tokens = [u["tokens"] for u in stats["per_utterance"]]
     per_hypothesis = {u["measured"]["self_per_hypothesis"] for u in stats["per_utterance"]}
     assert tokens[0] != tokens[1] and len(per_hypothesis) == 1
-    assert stats["self_cache_bytes_per_token"] == 0 and stats["self_cache_fixed_bytes"] > 0
+    assert stats["kv_cache"]["self_bytes_per_token"] == 0
+    assert stats["kv_cache"]["self_fixed_bytes"] > 0
 
 
-def test_a_stock_decoder_gets_a_clear_error(tmp_path, wav_scp):
+def test_a_stock_decoder_is_timed_and_has_no_cache(tmp_path, wav_scp):
     stock = REPO / "egs2/asterisk_en/asr1/conf/train_asr_tiny.yaml"  # decoder: transformer
     model_dir, _ = build_model(tmp_path / "model", stock)
-    with pytest.raises(UserError) as error:
-        profile(model_dir, wav_scp, tmp_path / "out")
-    message = str(error.value)
-    assert "TransformerDecoder (decoder: transformer)" in message
-    assert "needs it" in message and "decoder: cached_transformer" in message
-    assert not (tmp_path / "out").exists()
+    stats = profile(model_dir, wav_scp, tmp_path / "out")
+    assert stats["kv_cache"] is None and stats["chunking"] is None
+    assert stats["utterances"] == 2 and stats["rtf"] > 0
+    assert "while decoding" in stats["peak_memory_kind"]
+    assert stats["parameters"] == sum(
+        v.numel() for v in torch.load(model_dir / "model.pth").values())
 
 
-def test_a_decode_without_the_decoder_is_refused(tmp_path):
-    with pytest.raises(UserError, match=r"--ctc_weight must be in \[0, 1\).*got 1.0"):
-        profile_kv_cache.main([
-            "--asr_train_config", str(tmp_path / "config.yaml"),
-            "--asr_model_file", str(tmp_path / "model.pth"),
-            "--data_path_and_name_and_type", f"{tmp_path / 'wav.scp'},speech,sound",
-            "--output_dir", str(tmp_path / "out"),
-            "--ctc_weight", "1.0",
-        ])
+def test_dynamic_chunking_counts_the_kept_frames(tmp_path, wav_scp):
+    config = REPO / "egs2/asterisk_en/asr1/conf/tuning/train_asr_conmamba_dc_small.yaml"
+    model_dir, _ = build_model(tmp_path / "model", config)
+    stats = profile(model_dir, wav_scp, tmp_path / "out")
+    chunking = stats["chunking"]
+    assert 0 < chunking["kept_frames"] <= chunking["frames"]
+    assert chunking["ratio"] == chunking["kept_frames"] / chunking["frames"]
+    min_keep = yaml.safe_load(config.read_text())["encoder_conf"]["dynamic_chunking"].get(
+        "min_keep_ratio", 0.25)
+    assert chunking["kept_frames"] >= min_keep * chunking["frames"]
+
+
+def test_decoding_options_come_from_the_inference_config(tmp_path, wav_scp):
+    config = CONFIGS / "train_asr_conformer_mha_small.yaml"
+    model_dir, _ = build_model(tmp_path / "model", config)
+    decode = tmp_path / "decode.yaml"
+    decode.write_text(yaml.safe_dump({"beam_size": 2, "ctc_weight": 0.4, "maxlenratio": 0.2}))
+    stats = profile_kv_cache.main([
+        "--asr_train_config", str(model_dir / "config.yaml"),
+        "--asr_model_file", str(model_dir / "model.pth"),
+        "--data_path_and_name_and_type", f"{wav_scp},speech,sound",
+        "--output_dir", str(tmp_path / "out"), "--inference_config", str(decode),
+        "--beam_size", "1", "--warmup", "0",
+    ])
+    settings = stats["settings"]
+    assert (settings["beam_size"], settings["ctc_weight"], settings["maxlenratio"]) == (1, 0.4, 0.2)
+    assert {u["hypotheses"] for u in stats["per_utterance"]} == {1}

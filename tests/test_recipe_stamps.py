@@ -13,7 +13,16 @@ import soundfile
 import torch
 import yaml
 
-from conftest import ASR_EXP, ASTERISK, DECODE, FAST_DECODING, TINY, copy_recipe, run_recipe
+from conftest import (
+    ASR_EXP,
+    ASTERISK,
+    DECODE,
+    FAST_DECODING,
+    TINY,
+    copy_recipe,
+    run_recipe,
+    stats_dir,
+)
 from espnet_plugin.recipe.stamp import file_hash
 
 
@@ -74,22 +83,31 @@ def test_a_changed_duration_filter_formats_the_training_set_again(work):
     assert "dump/raw/test: up to date" in result.stdout
 
 
-def test_a_changed_frontend_collects_the_statistics_again(work, tmp_path):
+def test_each_frontend_gets_its_own_statistics(work):
+    """Other mel bands (or hop, or window): statistics of their own, the others kept; a config
+    changed in place is not trained on with the model begun from the old one."""
+    stats = stats_dir(work)
     config = yaml.safe_load((work / TINY).read_text())
     config["frontend_conf"]["n_mels"] = 30
     (work / "conf" / "tiny_30mels.yaml").write_text(yaml.safe_dump(config))
-    stats = work / "exp/asr_stats_raw_en_char_sp/train/feats_stats.npz"
-    assert np.load(stats)["sum"].shape == (40,)
     result = run_recipe(work, "--asr_config", "conf/tiny_30mels.yaml", "--stage", "4",
                         "--stop_stage", "4")
-    assert "config conf/tiny_30mels.yaml: frontend_conf" in result.stdout
-    assert np.load(stats)["sum"].shape == (30,)
-    # The model trained on 40 mels is not mixed with the new statistics: stage 5 refuses.
-    refused = run_recipe(work, "--asr_config", TINY, "--stage", "5", "--stop_stage", "5",
+    assert f"{stats.relative_to(work)}: up to date" not in result.stdout
+    made = sorted(work.glob("exp/asr_stats_raw_en_char_sp_*/train/feats_stats.npz"))
+    assert len(made) == 2
+    shapes = sorted(np.load(path)["sum"].shape for path in made)
+    assert shapes == [(30,), (40,)]
+    # The tiny config itself edited in place (another hop): new statistics, and the model
+    # trained from the old config and statistics is not resumed with the new ones.
+    config = yaml.safe_load((work / TINY).read_text())
+    config["frontend_conf"]["hop_length"] = 100
+    (work / TINY).write_text(yaml.safe_dump(config))
+    refused = run_recipe(work, "--asr_config", TINY, "--stage", "4", "--stop_stage", "5",
                          check=False)
     assert refused.returncode != 0
     assert f"{ASR_EXP} was trained from other inputs" in refused.stderr
-    assert "feats_stats.npz" in refused.stderr and "--overwrite true" in refused.stderr
+    assert f"file {TINY}: content" in refused.stderr and "--overwrite true" in refused.stderr
+    assert len(list(work.glob("exp/asr_stats_raw_en_char_sp_*/train/feats_stats.npz"))) == 3
 
 
 def test_a_training_from_other_options_is_refused_not_mixed(work):

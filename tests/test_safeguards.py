@@ -14,6 +14,7 @@ from espnet2.fileio.sound_scp import SoundScpReader
 from espnet2.train.trainer import Trainer
 
 from espnet_plugin import safeguards
+from espnet_plugin.cli import UserError
 
 # Saves a first checkpoint, then is killed (SIGKILL: no clean-up runs) while saving a second.
 KILLED_WHILE_SAVING = textwrap.dedent("""
@@ -85,3 +86,29 @@ def test_unreadable_and_empty_audio_name_the_utterance(tmp_path):
         reader["gone"]
     with pytest.raises(RuntimeError, match=r"utterance 'empty': audio file .*empty.wav is empty"):
         reader["empty"]
+
+
+def test_audio_that_cannot_be_decoded_is_named_before_decoding(tmp_path):
+    soundfile.write(tmp_path / "ok.wav", np.ones(800, "float32") * 0.1, 8000)
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, "float32"), 8000)
+    scp = tmp_path / "wav.scp"
+    scp.write_text(f"empty {tmp_path / 'empty.wav'}\ngone {tmp_path / 'gone.wav'}\n"
+                   f"ok {tmp_path / 'ok.wav'}\n")
+    argv = ["--data_path_and_name_and_type", f"{scp},speech,sound", "--output_dir", "x"]
+    with pytest.raises(UserError) as error:
+        safeguards.check_audio_inputs(argv)
+    message = str(error.value)
+    assert "2 utterance(s) cannot be decoded" in message
+    assert "utterance 'gone': cannot read audio file" in message and "gone.wav" in message
+    assert "utterance 'empty': audio file" in message and "is empty" in message
+    keys = tmp_path / "keys"
+    keys.write_text("ok\n")
+    safeguards.check_audio_inputs([*argv, "--key_file", str(keys)])  # only ok: nothing to say
+
+
+def test_a_loader_worker_names_the_file(tmp_path):
+    from espnet2.train import iterable_dataset
+
+    safeguards.install()
+    with pytest.raises(RuntimeError, match=r"cannot read audio file .*gone.wav"):
+        iterable_dataset.DATA_TYPES["sound"](str(tmp_path / "gone.wav"))

@@ -16,7 +16,7 @@ import pytest
 import soundfile
 import yaml
 
-from conftest import ASR_EXP, DECODE, TINY, run_recipe
+from conftest import ASR_EXP, DECODE, TINY, run_recipe, stats_dir
 
 
 def test_every_stage_leaves_its_outputs(recipe):
@@ -28,7 +28,7 @@ def test_every_stage_leaves_its_outputs(recipe):
     tokens = (recipe / "data/en_token_list/char/tokens.txt").read_text().split()
     assert tokens[:2] == ["<blank>", "<unk>"] and tokens[-1] == "<sos/eos>"
     assert {"A", "Z", "<space>"} <= set(tokens)
-    assert (recipe / "exp/asr_stats_raw_en_char_sp/train/feats_stats.npz").is_file()
+    assert (stats_dir(recipe) / "train/feats_stats.npz").is_file()
     assert (recipe / ASR_EXP / "valid.acc.ave.pth").is_file()
     assert len(list((recipe / "exp" / "logs").glob("asr.sh.*.log"))) >= 1
     report = (recipe / "exp/report/RESULTS.md").read_text()
@@ -84,7 +84,7 @@ def test_saved_config_reloads_the_plugin_encoder_and_decodes(recipe, monkeypatch
     subprocess.run([sys.executable, "-m", "espnet2.bin.pack", "asr",
                     "--asr_train_config", str(exp / "config.yaml"),
                     "--asr_model_file", str(exp / "valid.acc.ave.pth"),
-                    "--option", "exp/asr_stats_raw_en_char_sp/train/feats_stats.npz",
+                    "--option", str((stats_dir(recipe) / "train/feats_stats.npz").relative_to(recipe)),
                     "--outpath", str(packed)], check=True, cwd=recipe, capture_output=True)
     unpacked = recipe.parent / "unpacked"
     with zipfile.ZipFile(packed) as archive:

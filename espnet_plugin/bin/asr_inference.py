@@ -1,13 +1,18 @@
 """`python -m espnet_plugin.bin.asr_inference`: ESPnet's ASR decoding, with the plugin's classes
 registered and its safeguards installed (:mod:`espnet_plugin.safeguards`). Both happen at import,
-so spawned DDP workers, which re-import this module, get them too."""
+so spawned DDP workers, which re-import this module, get them too. Every input's audio is checked
+before decoding starts."""
+
+import sys
 
 from espnet2.bin.asr_inference import main
 
 import espnet_plugin  # noqa: F401  (registers the plugin's classes)
 from espnet_plugin import safeguards
+from espnet_plugin.cli import run
 
 safeguards.install()
 
 if __name__ == "__main__":
+    run(lambda: safeguards.check_audio_inputs(sys.argv[1:]), log_level=None)
     main()

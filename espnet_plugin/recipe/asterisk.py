@@ -5,6 +5,10 @@ Debian ships about 570 prompts read by one speaker (Allison, 8 kHz) in
 ``apt-get download`` gives a real ASR corpus without root, an account or a large download: a
 smoke test of the whole recipe that trains in minutes. Transcripts are normalised the LibriSpeech
 way; prompts that are not plain words (``[tones]``, digits, symbols) are left out.
+
+``--lm_text`` also writes English text for a language model from Debian's fortune databases
+(``fortunes``, ``fortunes-min``): their sentences normalised like the transcripts, those that are
+not plain words left out.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from espnet_plugin.recipe.kaldi_data import (
 PACKAGES = ("asterisk-core-sounds-en-wav", "asterisk-core-sounds-en")
 TRANSCRIPTS = Path("usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 SOUNDS = Path("usr/share/asterisk/sounds/en_US_f_Allison")
+LM_PACKAGES = ("fortunes", "fortunes-min")
+FORTUNES = Path("usr/share/games/fortunes")
 SPEAKER = "allison"
 # Split of a prompt: hash bucket (0-99) below the bound.
 SPLIT_BOUNDS = (("train", 80), ("dev", 90), ("test", 100))
@@ -37,10 +43,10 @@ _EDGE_PUNCTUATION = ".,!?:;\"'"
 _WORD = re.compile(r"[A-Z]+(?:'[A-Z]+)*")
 
 
-def find_debs(folder: Path) -> list[Path] | None:
-    """The two package files in ``folder``, or None when either is absent."""
+def find_debs(folder: Path, packages: tuple[str, ...] = PACKAGES) -> list[Path] | None:
+    """The package files in ``folder``, or None when one is absent."""
     debs = []
-    for package in PACKAGES:
+    for package in packages:
         found = sorted(folder.glob(f"{package}_*.deb"))
         if len(found) > 1:
             raise UserError(f"several {package} packages in {folder}: keep one of {found}")
@@ -50,36 +56,35 @@ def find_debs(folder: Path) -> list[Path] | None:
     return debs
 
 
-def fetch_debs(download_dir: Path) -> list[Path]:
+def fetch_debs(download_dir: Path, packages: tuple[str, ...] = PACKAGES) -> list[Path]:
     """The packages in ``download_dir``, fetched with ``apt-get download`` unless already there."""
-    debs = find_debs(download_dir)
+    debs = find_debs(download_dir, packages)
     if debs is not None:
         logging.info(f"reusing {', '.join(map(str, debs))}")
         return debs
     download_dir.mkdir(parents=True, exist_ok=True)
-    command = ["apt-get", "download", *PACKAGES]
+    command = ["apt-get", "download", *packages]
     try:
         result = subprocess.run(command, cwd=download_dir, capture_output=True, text=True)
         problem = result.stderr.strip() or f"exit status {result.returncode}"
     except FileNotFoundError:
         problem = "apt-get is not installed"
-    debs = find_debs(download_dir)
+    debs = find_debs(download_dir, packages)
     if debs is None:
         raise UserError(
             f"`{' '.join(command)}` failed in {download_dir}: {problem}\n"
-            "Run `apt-get update` (as root) so apt knows these packages, or download the two "
-            ".deb files yourself (e.g. from packages.debian.org) and pass --deb_dir DIR."
+            "Run `apt-get update` (as root) so apt knows these packages, or download the "
+            ".deb files yourself (e.g. from packages.debian.org) into that folder."
         )
     return debs
 
 
-def extract(debs: list[Path], download_dir: Path) -> Path:
-    """Unpack the packages into ``download_dir/extracted`` (reused when already complete)."""
-    tree = download_dir / "extracted"
-    if (tree / TRANSCRIPTS).is_file() and (tree / SOUNDS).is_dir():
+def extract(debs: list[Path], tree: Path, needed: tuple[Path, ...] = (TRANSCRIPTS, SOUNDS)) -> Path:
+    """Unpack the packages into ``tree`` (reused when it already holds the ``needed`` paths)."""
+    if all((tree / path).exists() for path in needed):
         logging.info(f"reusing {tree}")
         return tree
-    scratch = download_dir / "extracted.partial"
+    scratch = tree.with_name(tree.name + ".partial")
     if scratch.exists():
         shutil.rmtree(scratch)  # left by an interrupted extraction of ours
     scratch.mkdir(parents=True)
@@ -97,9 +102,9 @@ def extract(debs: list[Path], download_dir: Path) -> Path:
             ) from err
         except subprocess.CalledProcessError as err:
             raise UserError(f"dpkg-deb -x {deb} failed: {err.stderr.strip()}") from err
-    for needed in (TRANSCRIPTS, SOUNDS):
-        if not (scratch / needed).exists():
-            raise UserError(f"{needed} is not in {', '.join(map(str, debs))}")
+    for path in needed:
+        if not (scratch / path).exists():
+            raise UserError(f"{path} is not in {', '.join(map(str, debs))}")
     if tree.exists():
         shutil.rmtree(tree)  # an incomplete earlier extraction (checked above)
     scratch.rename(tree)
@@ -195,7 +200,7 @@ def prepare(
             raise UserError(
                 f"--deb_dir {deb_dir} must hold {PACKAGES[0]}_*.deb and {PACKAGES[1]}_*.deb"
             )
-    splits = prepare_splits(extract(debs, download_dir))
+    splits = prepare_splits(extract(debs, download_dir / "extracted"))
     for split, (data, _) in splits.items():
         write_data_dir(data, data_dir / split, overwrite=overwrite)
     summary = {split: (len(data.wav_scp), secs) for split, (data, secs) in splits.items()}
@@ -203,6 +208,32 @@ def prepare(
     for split, (count, secs) in summary.items():
         print(f"{split:<6} {count:>10} {secs:>8.1f}")
     return summary
+
+
+def fortune_sentences(tree: Path) -> list[str]:
+    """The fortunes' sentences as plain words, each once, in their order."""
+    sentences = {}
+    for path in sorted((tree / FORTUNES).iterdir()):
+        if path.suffix or not path.is_file():  # .dat indexes, .u8 duplicates
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for fortune in re.split(r"^%$", text, flags=re.M):
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(fortune.split())):
+                words = normalize_transcript(sentence)
+                if words is not None and len(words.split()) >= 2:
+                    sentences.setdefault(words, None)
+    return list(sentences)
+
+
+def prepare_lm_text(download_dir: Path, out: Path) -> int:
+    """Write the fortunes' sentences to ``out``, one per line; returns how many."""
+    debs = fetch_debs(download_dir / "lm", LM_PACKAGES)
+    tree = extract(debs, download_dir / "lm" / "extracted", (FORTUNES,))
+    sentences = fortune_sentences(tree)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
+    logging.info(f"wrote {out}: {len(sentences)} sentences from {', '.join(LM_PACKAGES)}")
+    return len(sentences)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -220,6 +251,12 @@ def get_parser() -> argparse.ArgumentParser:
         default=None,
         help="use the two .deb files in this folder instead of apt-get download",
     )
+    parser.add_argument(
+        "--lm_text",
+        type=Path,
+        default=None,
+        help="also write LM text here: the sentences of Debian's fortune databases",
+    )
     add_overwrite_option(parser)
     return parser
 
@@ -227,6 +264,8 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
     prepare(args.data_dir, args.download_dir, args.deb_dir, args.overwrite)
+    if args.lm_text is not None:
+        prepare_lm_text(args.download_dir, args.lm_text)
 
 
 if __name__ == "__main__":

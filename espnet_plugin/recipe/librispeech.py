@@ -34,6 +34,8 @@ SPLITS = (
     "train-other-500",
 )
 OPENSLR_URL = "https://www.openslr.org/resources/12"
+LM_URL = "https://www.openslr.org/resources/11"  # the LM corpus
+LM_CORPUS = "librispeech-lm-norm.txt.gz"
 
 
 def corpus_root(librispeech_dir: Path) -> Path:
@@ -94,6 +96,26 @@ def prepare_split(split_dir: Path) -> DataDir:
     return DataDir(wav_scp=wav_scp, text=text, utt2spk=utt2spk)
 
 
+def download(url: str, target: Path) -> Path:
+    """Fetch ``url`` into ``target`` (through a partial file), or reuse ``target`` if there."""
+    if target.is_file():
+        logging.info(f"reusing {target}")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    logging.info(f"downloading {url} -> {target}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+    except OSError as err:  # urllib.error.URLError, timeouts, refused connections
+        raise UserError(
+            f"cannot download {url}: {getattr(err, 'reason', err)}; check the network "
+            f"connection, or fetch the file by hand into {target.parent}"
+        ) from err
+    partial.rename(target)
+    return target
+
+
 def download_split(split: str, librispeech_dir: Path, download_dir: Path, url_base: str) -> None:
     """Fetch ``<split>.tar.gz`` (kept for re-runs) and extract the split next to the others.
 
@@ -102,23 +124,7 @@ def download_split(split: str, librispeech_dir: Path, download_dir: Path, url_ba
     """
     if split not in SPLITS:
         raise UserError(f"--splits: '{split}' is not a LibriSpeech split ({', '.join(SPLITS)})")
-    archive = download_dir / f"{split}.tar.gz"
-    url = f"{url_base.rstrip('/')}/{split}.tar.gz"
-    if archive.is_file():
-        logging.info(f"reusing {archive}")
-    else:
-        download_dir.mkdir(parents=True, exist_ok=True)
-        partial = archive.with_name(archive.name + ".part")
-        logging.info(f"downloading {url} -> {archive}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-                shutil.copyfileobj(response, out, 1 << 20)
-        except OSError as err:  # urllib.error.URLError, timeouts, refused connections
-            raise UserError(
-                f"cannot download {url}: {getattr(err, 'reason', err)}; check the network "
-                f"connection, or fetch the archive by hand into {download_dir}"
-            ) from err
-        partial.rename(archive)
+    archive = download(f"{url_base.rstrip('/')}/{split}.tar.gz", download_dir / f"{split}.tar.gz")
     root = corpus_root(librispeech_dir)
     scratch = root.parent / f".{split}.extracting"
     if scratch.exists():
@@ -190,9 +196,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--combine",
         type=parse_combination,
-        action="append",
+        nargs="*",
         default=[],
-        help="also write the union of splits, e.g. dev=dev-clean,dev-other",
+        help="also write unions of splits, e.g. dev=dev-clean,dev-other (the last --combine "
+        "counts: an empty one writes none)",
     )
     parser.add_argument(
         "--download", action="store_true", help="fetch missing splits from openslr (resource 12)"
@@ -204,12 +211,23 @@ def get_parser() -> argparse.ArgumentParser:
         help="where downloaded archives are kept (default: --librispeech_dir)",
     )
     parser.add_argument("--url_base", default=OPENSLR_URL)
+    parser.add_argument(
+        "--lm_corpus",
+        action="store_true",
+        help=f"also fetch the LibriSpeech LM corpus (openslr resource 11, {LM_CORPUS}, about "
+        "1.4 GB) into --download_dir, for stage 6's --lm_train_text",
+    )
+    parser.add_argument("--lm_url_base", default=LM_URL)
     add_overwrite_option(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
+    if args.lm_corpus:
+        corpus = download(f"{args.lm_url_base.rstrip('/')}/{LM_CORPUS}",
+                          (args.download_dir or args.librispeech_dir) / LM_CORPUS)
+        logging.info(f"LM corpus: {corpus} (give it to asr.sh as --lm_train_text {corpus})")
     prepare(
         args.librispeech_dir,
         args.data_dir,

@@ -9,7 +9,9 @@ work succeeded:
         --option max_wav_duration=20 --file data/train/wav.scp --config conf/x.yaml:frontend_conf
     python -m espnet_plugin.recipe.stamp write --dir dump/raw/train_sp ...   (same inputs)
 
-``check`` prints ``current``, ``absent``, or ``stale`` followed by one line per change.
+``check`` prints ``current``, ``absent``, or ``stale`` followed by one line per change;
+``digest`` prints 8 hex digits of what the inputs hold, wherever they are, to name an output after
+them (the statistics of each frontend get their own folder) or to compare two configs' sections.
 """
 
 import argparse
@@ -92,14 +94,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m espnet_plugin.recipe.stamp", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("action", choices=("check", "write"))
-    parser.add_argument("--dir", type=Path, required=True, help="the output folder")
+    parser.add_argument("action", choices=("check", "write", "digest"))
+    parser.add_argument("--dir", type=Path, help="the output folder (check, write)")
     parser.add_argument("--option", action="append", default=[], help="<name>=<value>")
     parser.add_argument("--file", action="append", default=[], help="an input file")
     parser.add_argument("--config", action="append", default=[],
                         help="<yaml file>:<key>[,<key>...]: config sections the output depends on")
     args = parser.parse_args(argv)
     stamp = make_stamp(args.option, args.file, args.config)
+    if args.action == "digest":  # what the inputs hold, wherever they are
+        content = [stamp["options"], sorted(stamp["files"].values()),
+                   [sections for _, sections in sorted(stamp["configs"].items())]]
+        print(hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8])
+        return
+    if args.dir is None:
+        raise UserError(f"{args.action} needs --dir (the output folder)")
     path = args.dir / STAMP_FILE
     if args.action == "write":
         if not args.dir.is_dir():

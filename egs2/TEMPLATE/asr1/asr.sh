@@ -13,11 +13,14 @@
 #   5  ASR training with ESPnet's trainer (CPU, GPU, multi-GPU, torchrun, slurm; resumes), or
 #      fine-tuning of a trained model (--finetune_from), its attention first converted to MLA or
 #      GQA if asked (--convert_args)
-#   6  LM statistics collection (only with --use_lm true)
-#   7  LM training (only with --use_lm true)
-#   8  decoding with ESPnet's beam search in --inference_nj parallel jobs, merged
+#   6  LM text (training transcripts once, --lm_train_text corpora, no evaluation sentence) and its
+#      statistics in --nj jobs (only with --use_lm true)
+#   7  LM training and its perplexity on every test set (only with --use_lm true)
+#   8  decoding with ESPnet's beam search in --inference_nj parallel jobs, merged; with
+#      --lm_weights, the LM weight is chosen first on --lm_tune_set
 #   9  scoring: WER and CER with S/D/I counts, alignments and result.json per test set
-#   10 comparison report (table and plots) over every scored model under exp/
+#   10 profiling of every decoded test set: decoder cache, time, real-time factor, peak memory
+#   11 comparison report over every model under exp/: tables, CSV, plots, paired bootstrap
 #
 # Every output records what it was made from (options, input file contents, config sections) in a
 # .stamp file: a re-run skips what is up to date and redoes, saying why, what its inputs changed.
@@ -27,11 +30,11 @@ set -euo pipefail
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (${0##*/}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
 
-readonly min_stage=1 max_stage=10
+readonly min_stage=1 max_stage=11
 
 # General options
 stage=1                  # first stage to run
-stop_stage=10            # last stage to run
+stop_stage=11            # last stage to run
 python=python3           # the Python that has espnet_plugin installed
 nj=4                     # parallel jobs for formatting and statistics collection
 inference_nj=2           # parallel jobs for decoding
@@ -45,6 +48,7 @@ master_port=29500        # torchrun: rank 0's port
 dumpdir=dump
 expdir=exp
 overwrite=false          # true: redo the selected stages' outputs although up to date (a training starts over)
+dry_run=false            # true: say what the selected stages would make or redo, and do nothing
 
 # Data options
 local_data_opts=         # options passed to local/data.sh
@@ -73,19 +77,25 @@ convert_args=            # with --finetune_from: convert its attention first, e.
 finetune_epochs=4        # with --finetune_from: epochs (0: decode the starting model as it is)
 finetune_lr_scale=0.1    # with --finetune_from: learning rate as a share of the starting model's
 finetune_warmup_steps=100  # with --finetune_from: warm-up steps of the fine-tuning
+utts_per_update=         # utterances per optimizer update on any number of GPUs (with --utts_per_gpu)
+utts_per_gpu=            # utterances per GPU and step: batch_size and accum_grad follow from the GPUs
 feats_normalize=global_mvn
 inference_config=        # decoding YAML
 inference_args=          # extra arguments for asr_inference (they name the decode dir)
 inference_asr_model=valid.acc.ave.pth
+profile_utts=            # stage 10 profiles at most this many utterances of each test set (empty: all)
 
 # LM options
 use_lm=false
 lm_config=
 lm_tag=
 lm_args=
+lm_train_text=           # LM text corpora besides the training transcripts (space separated, .gz allowed)
 inference_lm=valid.loss.ave.pth
+lm_weights=              # e.g. "0.1 0.3 0.5": each decodes --lm_tune_set, the best one the test sets
+lm_tune_set=             # the set the LM weight is chosen on (default: --valid_set)
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; echo; echo "Options (default):"; \
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; echo; echo "Options (default):"; \
     grep -E '^[a-z_]+=.*#' "$0" | sed 's/^/  --/; s/=/ (/; s/ *#/) #/'; }
 
 # ---- option parsing: --name value or --name=value for every variable declared above ----
@@ -105,8 +115,11 @@ done
 
 # ---- every check that needs no stage's output, before any stage runs ----
 runs() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
+todo=0  # outputs a dry run would make
 require() {  # require <path> <what makes it>
-    [ -e "$1" ] || die "missing $1: it is made by $2; run that first"
+    [ -e "$1" ] && return 0
+    [ "${dry_run}" = true ] || die "missing $1: it is made by $2; run that first"
+    log "  (dry run) missing $1: made by $2"
 }
 one_of() {  # one_of <option name> <allowed values...>
     local name=$1 value=${!1}; shift
@@ -125,6 +138,7 @@ one_of launcher local torchrun slurm
 one_of token_type bpe char
 one_of use_lm true false
 one_of overwrite true false
+one_of dry_run true false
 one_of bad_audio fail drop
 [ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
     || die "--train_set, --valid_set and --test_sets are required"
@@ -146,6 +160,18 @@ fi
 if [ "${use_lm}" = true ] && { runs 6 || runs 7 || runs 8; }; then
     [ -n "${lm_config}" ] || die "--use_lm true needs --lm_config (the LM's training YAML)"
     require "${lm_config}" "you (the --lm_config YAML)"
+    if runs 6 && ! runs 1; then
+        for f in ${lm_train_text}; do require "${f}" "you (--lm_train_text)"; done
+    fi
+fi
+[ -z "${lm_weights}" ] || [ "${use_lm}" = true ] || die "--lm_weights needs --use_lm true"
+for w in ${lm_weights}; do
+    [[ ${w} =~ ^[0-9]*\.?[0-9]+$ ]] || die "--lm_weights '${lm_weights}': '${w}' is not a weight"
+done
+lm_tune_set=${lm_tune_set:-${valid_set}}
+if [ -n "${utts_per_update}${utts_per_gpu}" ]; then
+    [[ ${utts_per_update} =~ ^[1-9][0-9]*$ ]] && [[ ${utts_per_gpu} =~ ^[1-9][0-9]*$ ]] \
+        || die "--utts_per_update and --utts_per_gpu go together, as whole numbers"
 fi
 
 mkdir -p "${expdir}/logs"
@@ -167,20 +193,26 @@ else
 fi
 token_list=${token_dir}/tokens.txt
 [ "${token_type}" = bpe ] && token_suffix=${token_type}${nbpe} || token_suffix=${token_type}
-asr_stats_dir=${expdir}/asr_stats_raw_${lang}_${token_suffix}${sp_suffix}
 if [ -z "${asr_tag}" ] && [ -n "${finetune_from}" ]; then
     asr_tag=$(basename "${finetune_from}"); asr_tag=${asr_tag#asr_}_finetune
 elif [ -z "${asr_tag}" ]; then
     [ -n "${asr_config}" ] && asr_tag=$(basename "${asr_config}" .yaml) || asr_tag=default
     asr_tag+=_raw_${lang}_${token_suffix}${sp_suffix}
 fi
-# The config whose frontend the statistics follow (a fine-tuned model keeps its starting one's).
+# The config whose frontend the statistics follow (a fine-tuned model keeps its starting one's);
+# each frontend and sampling rate gets its own statistics, named after them.
 stats_config=${asr_config:-${finetune_from:+${finetune_from}/config.yaml}}
+asr_stats_dir=${expdir}/asr_stats_raw_${lang}_${token_suffix}${sp_suffix}
+if [ -n "${stats_config}" ] && [ -e "${stats_config}" ]; then
+    asr_stats_dir+=_$(${python} -m espnet_plugin.recipe.stamp digest --option "fs=${fs}" \
+        --config "${stats_config}:frontend,frontend_conf")
+fi
 asr_exp=${expdir}/asr_${asr_tag}
 lm_stats_dir=${expdir}/lm_stats_${lang}_${token_suffix}
 [ -z "${lm_tag}" ] && [ -n "${lm_config}" ] && lm_tag=$(basename "${lm_config}" .yaml)
 lm_exp=${expdir}/lm_${lm_tag:-none}_${lang}_${token_suffix}
-lm_text=${dumpdir}/raw/lm_train.txt
+lm_dump=${dumpdir}/raw/lm
+lm_text=${lm_dump}/train.txt
 
 token_opts=(--token_type "${token_type}" --token_list "${token_list}" --bpemodel "${bpemodel}"
             --non_linguistic_symbols none --cleaner none --g2p none)
@@ -237,17 +269,21 @@ needs_work() {  # needs_work <dir> <stamp inputs...>: true when <dir> must be (r
     case "${state}" in
         current) log "  ${dir}: up to date"; return 1 ;;
         absent)
-            [ -d "${dir}" ] && log "  ${dir}: no record of what it was made from; making it again"
-            return 0 ;;
+            [ -d "${dir}" ] && log "  ${dir}: no record of what it was made from; making it again" ;;
         *)
             log "  ${dir}: its inputs changed since it was made; making it again:"
-            tail -n +2 <<<"${state}" | while IFS= read -r line; do log "    ${line}"; done
-            return 0 ;;
+            tail -n +2 <<<"${state}" | while IFS= read -r line; do log "    ${line}"; done ;;
     esac
+    [ "${dry_run}" = true ] || return 0
+    log "  (dry run) would make ${dir}"
+    todo=$((todo + 1))
+    return 1
 }
 
 # ---- 1: data preparation ----
-if runs 1; then
+if runs 1 && [ "${dry_run}" = true ]; then
+    log "Stage 1: (dry run) would run local/data.sh ${local_data_opts} (it leaves identical data as it is)"
+elif runs 1; then
     log "Stage 1: data preparation: local/data.sh ${local_data_opts}"
     require local/data.sh "the recipe (each recipe has its own local/data.sh)"
     data_sh_opts=()
@@ -348,18 +384,36 @@ train_command() {  # the launcher-specific command that runs $1 (a python module
                  "--dist_init_method file://$(pwd)/${expdir}/.dist_init_$$" ;;
     esac
 }
+training_workers() {  # the number of training processes the launcher starts
+    case "${launcher}" in
+        torchrun) echo $(( ${nproc_per_node:-$(( ngpu > 0 ? ngpu : 1 ))} * num_nodes )) ;;
+        *) echo $(( (ngpu > 0 ? ngpu : 1) * num_nodes )) ;;
+    esac
+}
+batch_opts() {  # ESPnet's batch options that keep --utts_per_update whatever the GPU count
+    [ -n "${utts_per_update}" ] || return 0
+    local per_step=$(( utts_per_gpu * $(training_workers) ))
+    (( utts_per_update % per_step == 0 )) || die "--utts_per_update ${utts_per_update} is not a" \
+        "multiple of --utts_per_gpu ${utts_per_gpu} x $(training_workers) training processes"
+    echo "--batch_type sorted --batch_size ${per_step} --accum_grad $(( utts_per_update / per_step ))"
+}
 discard_for_overwrite() {  # discard_for_overwrite <exp dir>: --overwrite true trains it again
     if [ "${overwrite}" = true ] && [ -e "$1" ]; then
         log "  $1: discarding it to train again (--overwrite true)"
         rm -rf "$1"
     fi
 }
-# prepare_training <exp dir> <stamp inputs...>: refuse to mix a training with other inputs into
-# one begun from different ones.
-prepare_training() {
-    local exp=$1 state
-    shift
+# needs_training <exp dir> <final model> <stamp inputs...>: true when the training must run (it
+# resumes from its checkpoint if it was interrupted); it refuses to mix a training with inputs
+# other than those it began from.
+needs_training() {
+    local exp=$1 final=$2 state
+    shift 2
     state=$(stamp check --dir "${exp}" "$@") || die "cannot check what ${exp} was made from"
+    if [ "${state}" = current ] && [ -e "${final}" ]; then
+        log "  ${exp}: trained, up to date"
+        return 1
+    fi
     if [ "${state}" = absent ] && compgen -G "${exp}/*.pth" > /dev/null; then
         die "${exp} holds a training with no record of what it was made from; train under another" \
             "--asr_tag (or --lm_tag), or pass --overwrite true to discard it and train again"
@@ -369,6 +423,11 @@ prepare_training() {
             "under another --asr_tag (or --lm_tag) to keep both, or pass --overwrite true to" \
             "discard it and train again"
     fi
+    if [ "${dry_run}" = true ]; then
+        log "  (dry run) would train ${exp}"
+        todo=$((todo + 1))
+        return 1
+    fi
     mkdir -p "${exp}"
     stamp write --dir "${exp}" "$@"   # before training: a resumed run must see the same inputs
 }
@@ -377,89 +436,119 @@ if runs 5; then
     for f in "${asr_stats_dir}/train/feats_stats.npz" "${asr_stats_dir}/train/text_shape.${token_type}"; do
         require "$f" "stage 4 (statistics)"
     done
-    discard_for_overwrite "${asr_exp}"
-    train_config=${asr_config}
-    if [ -n "${finetune_from}" ]; then
+    [ "${dry_run}" = true ] || discard_for_overwrite "${asr_exp}"
+    final_model=${asr_exp}/${inference_asr_model}
+    mapfile -t inputs < <(file_opts "${train_dump}/"{wav.scp,text} "${valid_dump}/"{wav.scp,text} \
+        "${token_files[@]}" "${asr_stats_dir}/train/feats_stats.npz")
+    inputs+=(--option "asr_args=${asr_args}" --option "fs=${fs}" --option "normalize=${feats_normalize}")
+    if [ -z "${finetune_from}" ]; then
+        log "Stage 5: ASR training into ${asr_exp}"
+        train_config=${asr_config}
+        mapfile -t -O "${#inputs[@]}" inputs < <(file_opts "${train_config}")
+        train_args=${asr_args}
+    else
         log "Stage 5: fine-tuning ${finetune_from}/${inference_asr_model} into ${asr_exp}"
         start_config=${finetune_from}/config.yaml
         start_model=${finetune_from}/${inference_asr_model}
         if [ -n "${convert_args}" ]; then
             conversion=${asr_exp}/conversion
-            mapfile -t inputs < <(file_opts "${start_config}" "${start_model}" "${valid_dump}/"{wav.scp,text})
-            inputs+=(--option "convert_args=${convert_args}")
-            if needs_work "${conversion}" "${inputs[@]}"; then
+            mapfile -t conversion_inputs < <(file_opts "${start_config}" "${start_model}" "${valid_dump}/"{wav.scp,text})
+            conversion_inputs+=(--option "convert_args=${convert_args}")
+            if needs_work "${conversion}" "${conversion_inputs[@]}"; then
                 rm -rf "${conversion}"
+                mkdir -p "${asr_exp}"
                 # shellcheck disable=SC2086
                 ${python} -m espnet_plugin.bin.convert_attention --asr_train_config "${start_config}" \
                     --asr_model_file "${start_model}" --out_dir "${conversion}" \
                     --calib_data "${valid_dump}/wav.scp" --device "$( [ "${ngpu}" -gt 0 ] && echo cuda || echo cpu )" \
                     ${convert_args} | tee "${asr_exp}/conversion.log"
-                stamp write --dir "${conversion}" "${inputs[@]}"
+                stamp write --dir "${conversion}" "${conversion_inputs[@]}"
             fi
             start_config=${conversion}/config.yaml
             start_model=${conversion}/model.pth
         fi
-        if [ "${finetune_epochs}" = 0 ]; then
-            log "  --finetune_epochs 0: ${asr_exp} decodes ${start_model} as it is"
-            mkdir -p "${asr_exp}"
-            cp "${start_config}" "${asr_exp}/config.yaml"
-            cp "${start_model}" "${asr_exp}/${inference_asr_model}"
-        else
-            train_config=${asr_exp}/finetune.yaml
-            ${python} -m espnet_plugin.recipe.finetune_config --config "${start_config}" \
-                --epochs "${finetune_epochs}" --lr_scale "${finetune_lr_scale}" \
-                --warmup_steps "${finetune_warmup_steps}" --out "${train_config}"
-            asr_args="--init_param ${start_model} ${asr_args}"
-        fi
-    else
-        log "Stage 5: ASR training into ${asr_exp}"
+        mapfile -t -O "${#inputs[@]}" inputs < <(file_opts "${start_config}" "${start_model}")
+        inputs+=(--option "finetune_from=${finetune_from}" --option "convert_args=${convert_args}"
+                 --option "finetune=${finetune_epochs} epochs, lr x ${finetune_lr_scale}, ${finetune_warmup_steps} warm-up steps")
+        train_config=${asr_exp}/finetune.yaml
+        train_args="--init_param ${start_model} ${asr_args}"
     fi
-fi
-if runs 5 && [ -n "${train_config}" ]; then
-    mapfile -t inputs < <(file_opts "${train_config}" "${train_dump}/"{wav.scp,text} \
-        "${valid_dump}/"{wav.scp,text} "${token_files[@]}" "${asr_stats_dir}/train/feats_stats.npz")
-    [ -n "${finetune_from}" ] && mapfile -t -O "${#inputs[@]}" inputs < <(file_opts "${start_model}")
-    inputs+=(--option "asr_args=${asr_args}" --option "fs=${fs}" --option "normalize=${feats_normalize}")
-    prepare_training "${asr_exp}" "${inputs[@]}"
-    log "  launcher ${launcher}, ${ngpu} GPU(s) per node, ${num_nodes} node(s); log: ${asr_exp}/train.log"
-    log "  an interrupted training resumes from ${asr_exp}/checkpoint.pth when this stage is re-run"
-    # shellcheck disable=SC2046,SC2086
-    $(train_command espnet_plugin.bin.asr_train) \
-        --use_preprocessor true "${token_opts[@]}" \
-        $(data_opts train "${train_dump}") $(data_opts valid "${valid_dump}") \
-        --train_shape_file "${asr_stats_dir}/train/speech_shape" \
-        --train_shape_file "${asr_stats_dir}/train/text_shape.${token_type}" \
-        --valid_shape_file "${asr_stats_dir}/valid/speech_shape" \
-        --valid_shape_file "${asr_stats_dir}/valid/text_shape.${token_type}" \
-        --resume true --fold_length 80000 --fold_length 150 \
-        --frontend_conf "fs=${fs}" --normalize "${feats_normalize}" \
-        --normalize_conf "stats_file=${asr_stats_dir}/train/feats_stats.npz" \
-        --config "${train_config}" --output_dir "${asr_exp}" ${asr_args} >> "${asr_exp}/train.log" 2>&1 \
-        || { tail -n 30 "${asr_exp}/train.log"; die "training failed: see ${asr_exp}/train.log"; }
-    require "${asr_exp}/${inference_asr_model}" "ESPnet's trainer (checkpoint averaging at the end of training)"
-    log "  done: ${asr_exp}/${inference_asr_model}"
+    inputs+=(--option "utts_per_update=${utts_per_update}" --option "utts_per_gpu=${utts_per_gpu}")
+    # shellcheck disable=SC2046,SC2206
+    train_cmd=($(train_command espnet_plugin.bin.asr_train)
+        --use_preprocessor true "${token_opts[@]}"
+        $(data_opts train "${train_dump}") $(data_opts valid "${valid_dump}")
+        --train_shape_file "${asr_stats_dir}/train/speech_shape"
+        --train_shape_file "${asr_stats_dir}/train/text_shape.${token_type}"
+        --valid_shape_file "${asr_stats_dir}/valid/speech_shape"
+        --valid_shape_file "${asr_stats_dir}/valid/text_shape.${token_type}"
+        --resume true --fold_length 80000 --fold_length 150
+        --frontend_conf "fs=${fs}" --normalize "${feats_normalize}"
+        --normalize_conf "stats_file=${asr_stats_dir}/train/feats_stats.npz"
+        --config "${train_config}" --output_dir "${asr_exp}" $(batch_opts) ${train_args})
+    [ "${dry_run}" = true ] && log "  (dry run) the training command: ${train_cmd[*]}"
+    if needs_training "${asr_exp}" "${final_model}" "${inputs[@]}"; then
+        if [ -n "${finetune_from}" ] && [ "${finetune_epochs}" = 0 ]; then
+            log "  --finetune_epochs 0: ${asr_exp} decodes ${start_model} as it is"
+            cp "${start_config}" "${asr_exp}/config.yaml"
+            cp "${start_model}" "${final_model}"
+        else
+            if [ -n "${finetune_from}" ]; then
+                ${python} -m espnet_plugin.recipe.finetune_config --config "${start_config}" \
+                    --epochs "${finetune_epochs}" --lr_scale "${finetune_lr_scale}" \
+                    --warmup_steps "${finetune_warmup_steps}" --out "${train_config}"
+            fi
+            log "  launcher ${launcher}, ${ngpu} GPU(s) per node, ${num_nodes} node(s); log: ${asr_exp}/train.log"
+            log "  an interrupted training resumes from ${asr_exp}/checkpoint.pth when this stage is re-run"
+            "${train_cmd[@]}" >> "${asr_exp}/train.log" 2>&1 \
+                || { tail -n 30 "${asr_exp}/train.log"; die "training failed: see ${asr_exp}/train.log"; }
+        fi
+        require "${final_model}" "ESPnet's trainer (checkpoint averaging at the end of training)"
+        log "  done: ${final_model}"
+    fi
 fi
 
 # ---- 6-7: language model ----
 if [ "${use_lm}" = false ] && { runs 6 || runs 7; }; then
     log "Stages 6-7: skipped: no LM (--use_lm false)"
 fi
+eval_texts=()
+for dset in "${valid_set}" ${test_sets}; do eval_texts+=("${dumpdir}/raw/${dset}/text"); done
 if [ "${use_lm}" = true ] && runs 6; then
-    log "Stage 6: LM text and statistics into ${lm_stats_dir}"
-    require "${train_dump}/text" "stage 2 (formatting)"
+    log "Stage 6: LM text into ${lm_dump} and its statistics into ${lm_stats_dir}"
+    require "data/${train_set}/text" "stage 1 (data preparation)"
     require "${token_list}" "stage 3 (tokenization)"
-    cut -d' ' -f2- "${train_dump}/text" | awk '{ printf "lm%08d %s\n", NR, $0 }' > "${lm_text}"
-    cut -d' ' -f2- "${valid_dump}/text" | awk '{ printf "lmdev%08d %s\n", NR, $0 }' > "${lm_text%.txt}_dev.txt"
-    mapfile -t inputs < <(file_opts "${lm_text}" "${lm_text%.txt}_dev.txt" "${token_files[@]}")
+    [ "${token_type}" = char ] || require "${bpemodel}" "stage 3 (the ASR's BPE model tokenizes the LM text too)"
+    for f in ${lm_train_text} "${eval_texts[@]}"; do require "${f}" "you (--lm_train_text) or stage 2"; done
+    mapfile -t inputs < <(file_opts "data/${train_set}/text" ${lm_train_text} "${eval_texts[@]}")
+    if needs_work "${lm_dump}" "${inputs[@]}"; then
+        text_opts=()
+        for f in ${lm_train_text}; do text_opts+=(--text "${f}"); done
+        for f in "${eval_texts[@]}"; do text_opts+=(--exclude "${f}"); done
+        ${python} -m espnet_plugin.recipe.lm_text --transcripts "data/${train_set}/text" \
+            "${text_opts[@]}" --out "${lm_text}"
+        stamp write --dir "${lm_dump}" "${inputs[@]}"
+    fi
+    mapfile -t inputs < <(file_opts "${lm_text}" "${valid_dump}/text" "${token_files[@]}")
     if needs_work "${lm_stats_dir}" "${inputs[@]}"; then
         rm -rf "${lm_stats_dir}"
-        mkdir -p "${lm_stats_dir}"
-        ${python} -m espnet_plugin.bin.lm_train --collect_stats true --ngpu 0 "${token_opts[@]}" \
-            --train_data_path_and_name_and_type "${lm_text},text,text" \
-            --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
-            --train_shape_file "${lm_text}" --valid_shape_file "${lm_text%.txt}_dev.txt" \
-            --config "${lm_config}" --output_dir "${lm_stats_dir}" > "${lm_stats_dir}/stats.log" 2>&1 \
-            || die "LM statistics failed: see ${lm_stats_dir}/stats.log"
+        logdir=${lm_stats_dir}/logdir
+        mkdir -p "${logdir}"
+        # Each job reads its own part of the text (the LibriSpeech LM corpus is 4 GB).
+        n=$(( $(wc -l < "${valid_dump}/text") < nj ? $(wc -l < "${valid_dump}/text") : nj ))
+        split -n "l/${n}" -a 3 --numeric-suffixes=1 "${lm_text}" "${logdir}/train."
+        split -n "l/${n}" -a 3 --numeric-suffixes=1 "${valid_dump}/text" "${logdir}/valid."
+        for f in "${logdir}"/{train,valid}.[0-9][0-9][0-9]; do mv "$f" "${f%.*}.$((10#${f##*.})).txt"; done
+        log "  ${n} jobs, logs in ${logdir}/stats.*.log"
+        run_jobs "${n}" "${logdir}/stats" ${python} -m espnet_plugin.bin.lm_train \
+            --collect_stats true --ngpu 0 "${token_opts[@]}" \
+            --train_data_path_and_name_and_type "${logdir}/train.JOB.txt,text,text" \
+            --valid_data_path_and_name_and_type "${logdir}/valid.JOB.txt,text,text" \
+            --train_shape_file "${logdir}/train.JOB.txt" --valid_shape_file "${logdir}/valid.JOB.txt" \
+            --config "${lm_config}" --output_dir "${logdir}/stats.JOB"
+        inputs_dirs=()
+        for i in $(seq 1 "${n}"); do inputs_dirs+=(--input_dir "${logdir}/stats.${i}"); done
+        ${python} -m espnet2.bin.aggregate_stats_dirs "${inputs_dirs[@]}" --output_dir "${lm_stats_dir}"
         add_vocabulary_size "${lm_stats_dir}"
         stamp write --dir "${lm_stats_dir}" "${inputs[@]}"
     fi
@@ -467,65 +556,129 @@ fi
 if [ "${use_lm}" = true ] && runs 7; then
     log "Stage 7: LM training into ${lm_exp}"
     require "${lm_stats_dir}/train/text_shape.${token_type}" "stage 6 (LM statistics)"
-    discard_for_overwrite "${lm_exp}"
-    mapfile -t inputs < <(file_opts "${lm_config}" "${lm_text}" "${lm_text%.txt}_dev.txt" "${token_files[@]}")
+    [ "${dry_run}" = true ] || discard_for_overwrite "${lm_exp}"
+    mapfile -t inputs < <(file_opts "${lm_config}" "${lm_text}" "${valid_dump}/text" "${token_files[@]}")
     inputs+=(--option "lm_args=${lm_args}")
-    prepare_training "${lm_exp}" "${inputs[@]}"
-    # shellcheck disable=SC2046,SC2086
-    $(train_command espnet_plugin.bin.lm_train) "${token_opts[@]}" \
-        --train_data_path_and_name_and_type "${lm_text},text,text" \
-        --valid_data_path_and_name_and_type "${lm_text%.txt}_dev.txt,text,text" \
-        --train_shape_file "${lm_stats_dir}/train/text_shape.${token_type}" \
-        --valid_shape_file "${lm_stats_dir}/valid/text_shape.${token_type}" \
-        --resume true --fold_length 150 --config "${lm_config}" --output_dir "${lm_exp}" ${lm_args} \
-        >> "${lm_exp}/train.log" 2>&1 || die "LM training failed: see ${lm_exp}/train.log"
-    require "${lm_exp}/${inference_lm}" "ESPnet's LM trainer"
+    if needs_training "${lm_exp}" "${lm_exp}/${inference_lm}" "${inputs[@]}"; then
+        # shellcheck disable=SC2046,SC2086
+        $(train_command espnet_plugin.bin.lm_train) "${token_opts[@]}" \
+            --train_data_path_and_name_and_type "${lm_text},text,text" \
+            --valid_data_path_and_name_and_type "${valid_dump}/text,text,text" \
+            --train_shape_file "${lm_stats_dir}/train/text_shape.${token_type}" \
+            --valid_shape_file "${lm_stats_dir}/valid/text_shape.${token_type}" \
+            --resume true --fold_length 150 --config "${lm_config}" --output_dir "${lm_exp}" ${lm_args} \
+            >> "${lm_exp}/train.log" 2>&1 || die "LM training failed: see ${lm_exp}/train.log"
+        require "${lm_exp}/${inference_lm}" "ESPnet's LM trainer"
+    fi
+    for dset in ${test_sets}; do
+        dir=${lm_exp}/perplexity_${dset}
+        mapfile -t inputs < <(file_opts "${lm_exp}/config.yaml" "${lm_exp}/${inference_lm}" "${dumpdir}/raw/${dset}/text")
+        if needs_work "${dir}" "${inputs[@]}"; then
+            ${python} -m espnet_plugin.bin.lm_calc_perplexity --ngpu "$(( ngpu > 0 ? 1 : 0 ))" \
+                --data_path_and_name_and_type "${dumpdir}/raw/${dset}/text,text,text" \
+                --train_config "${lm_exp}/config.yaml" --model_file "${lm_exp}/${inference_lm}" \
+                --output_dir "${dir}" > "${dir}.log" 2>&1 || die "perplexity failed: see ${dir}.log"
+            stamp write --dir "${dir}" "${inputs[@]}"
+        fi
+        [ -e "${dir}/ppl" ] && log "  ${dset}: perplexity $(cat "${dir}/ppl")"
+    done
 fi
 
 # ---- 8: decoding ----
-# The decode dir names the decoding config, the options given on top of it and the models.
-decode_tag=$( [ -n "${inference_config}" ] && basename "${inference_config}" .yaml || echo decode )
-[ -n "${inference_args}" ] && decode_tag+=$(sed -e 's/--/_/g' -e 's/[ =]//g' <<<" ${inference_args}")
-[ "${use_lm}" = true ] && decode_tag+=_lm_${lm_tag:-none}_${inference_lm%.pth}
-decode_tag+=_asr_model_${inference_asr_model%.pth}
+decode_tag_of() {  # decode_tag_of <inference args>: the decode dir names the config, the options
+    local tag                # given on top of it and the models
+    tag=$( [ -n "${inference_config}" ] && basename "${inference_config}" .yaml || echo decode )
+    [ -n "$1" ] && tag+=$(sed -e 's/--/_/g' -e 's/[ =]//g' <<<" $1")
+    [ "${use_lm}" = true ] && tag+=_lm_${lm_tag:-none}_${inference_lm%.pth}
+    echo "${tag}_asr_model_${inference_asr_model%.pth}"
+}
+# With --lm_weights, the test sets decode with the weight chosen on --lm_tune_set (stage 8).
+lm_weight_choice=${asr_exp}/$(decode_tag_of "${inference_args}")_lm_weight.json
+if [ -n "${lm_weights}" ] && [ -e "${lm_weight_choice}" ] && ! runs 8; then
+    inference_args+=" --lm_weight $(${python} -c 'import json, sys; print(json.load(open(sys.argv[1]))["chosen"])' "${lm_weight_choice}")"
+fi
+decode_tag=$(decode_tag_of "${inference_args}")
+
+# What stages 8 and 10 decode with: the models, the decoding config and options.
+inference_opts=(--asr_train_config "${asr_exp}/config.yaml" --asr_model_file "${asr_exp}/${inference_asr_model}")
+model_files=("${asr_exp}/config.yaml" "${asr_exp}/${inference_asr_model}")
+if [ -n "${inference_config}" ]; then
+    inference_opts+=(--config "${inference_config}")
+    model_files+=("${inference_config}")
+fi
+if [ "${use_lm}" = true ]; then
+    inference_opts+=(--lm_train_config "${lm_exp}/config.yaml" --lm_file "${lm_exp}/${inference_lm}")
+    model_files+=("${lm_exp}/config.yaml" "${lm_exp}/${inference_lm}")
+fi
+decode_options() {  # decode_options <inference args>: what a decode's stamp records of its options
+    printf -- '--option\n%s\n' "inference_args=$1" "inference_config=${inference_config}" \
+        "lm=$( [ "${use_lm}" = true ] && echo "${lm_exp}" || echo none )"
+}
+decode_set() {  # decode_set <set> <inference args>: decode it into <decode dir of the args>/<set>
+    local dset=$1 args=$2 dir n f i
+    dir=${asr_exp}/$(decode_tag_of "${args}")/${dset}
+    require "${dumpdir}/raw/${dset}/wav.scp" "stage 2 (formatting)"
+    mapfile -t inputs < <(file_opts "${model_files[@]}" "${dumpdir}/raw/${dset}/wav.scp"; decode_options "${args}")
+    needs_work "${dir}" "${inputs[@]}" || return 0
+    rm -rf "${dir}"
+    mkdir -p "${dir}/logdir"
+    n=$(split_keys "${dumpdir}/raw/${dset}/wav.scp" "${inference_nj}" "${dir}/logdir/keys")
+    log "  ${dset}: ${n} jobs, logs in ${dir}/logdir/asr_inference.*.log"
+    # shellcheck disable=SC2086
+    run_jobs "${n}" "${dir}/logdir/asr_inference" ${python} -m espnet_plugin.bin.asr_inference \
+        --ngpu "$(( ngpu > 0 ? 1 : 0 ))" --batch_size 1 \
+        --data_path_and_name_and_type "${dumpdir}/raw/${dset}/wav.scp,speech,sound" \
+        --key_file "${dir}/logdir/keys.JOB" --output_dir "${dir}/logdir/output.JOB" \
+        "${inference_opts[@]}" ${args}
+    for f in text token score; do
+        for i in $(seq 1 "${n}"); do cat "${dir}/logdir/output.${i}/1best_recog/${f}"; done \
+            | LC_ALL=C sort -k1,1 > "${dir}/${f}"
+    done
+    stamp write --dir "${dir}" "${inputs[@]}"
+}
+score_set() {  # score_set <decode dir of a set> <set>: WER and CER (if not up to date)
+    local dir=$1 dset=$2 unit
+    require "${dir}/text" "stage 8 (decoding)"
+    for unit in word char; do
+        mapfile -t inputs < <(file_opts "${dumpdir}/raw/${dset}/text" "${dir}/text")
+        needs_work "${dir}/score_${unit}" "${inputs[@]}" || continue
+        ${python} -m espnet_plugin.recipe.score --ref "${dumpdir}/raw/${dset}/text" \
+            --hyp "${dir}/text" --unit "${unit}" --name "${dset}" --out_dir "${dir}/score_${unit}"
+        stamp write --dir "${dir}/score_${unit}" "${inputs[@]}"
+    done
+    [ -e "${dir}/score_word/result.txt" ] && log "  ${dset}: $(grep -h . "${dir}/score_word/result.txt" | tail -n 1)"
+}
 
 if runs 8; then
     log "Stage 8: decoding ${test_sets} with ${asr_exp}/${inference_asr_model}"
     require "${asr_exp}/config.yaml" "stage 5 (training)"
     require "${asr_exp}/${inference_asr_model}" "stage 5 (training)"
-    inference_opts=(--asr_train_config "${asr_exp}/config.yaml" --asr_model_file "${asr_exp}/${inference_asr_model}")
-    model_files=("${asr_exp}/config.yaml" "${asr_exp}/${inference_asr_model}")
-    if [ -n "${inference_config}" ]; then
-        inference_opts+=(--config "${inference_config}")
-        model_files+=("${inference_config}")
-    fi
     if [ "${use_lm}" = true ]; then
         require "${lm_exp}/${inference_lm}" "stage 7 (LM training)"
-        inference_opts+=(--lm_train_config "${lm_exp}/config.yaml" --lm_file "${lm_exp}/${inference_lm}")
-        model_files+=("${lm_exp}/config.yaml" "${lm_exp}/${inference_lm}")
+        [ "${dry_run}" = true ] || [ "$(stamp digest --config "${asr_exp}/config.yaml:token_list")" = \
+            "$(stamp digest --config "${lm_exp}/config.yaml:token_list")" ] \
+            || die "the LM ${lm_exp} and the ASR model ${asr_exp} have different token lists" \
+                   "(token_list of their config.yaml): train the LM with this recipe's tokens (stages 6-7)"
+    fi
+    if [ -n "${lm_weights}" ]; then
+        log "  choosing the LM weight among ${lm_weights} on ${lm_tune_set}"
+        scores=()
+        for w in ${lm_weights}; do
+            decode_set "${lm_tune_set}" "${inference_args} --lm_weight ${w}"
+            dir=${asr_exp}/$(decode_tag_of "${inference_args} --lm_weight ${w}")/${lm_tune_set}
+            score_set "${dir}" "${lm_tune_set}"
+            scores+=("${w}=${dir}/score_word/result.json")
+        done
+        if [ "${dry_run}" = false ]; then
+            chosen=$(${python} -m espnet_plugin.recipe.lm_weight --scores "${scores[@]}" \
+                --tune_set "${lm_tune_set}" --out "${lm_weight_choice}")
+            log "  LM weight ${chosen} (the lowest WER on ${lm_tune_set}; ${lm_weight_choice})"
+            inference_args+=" --lm_weight ${chosen}"
+            decode_tag=$(decode_tag_of "${inference_args}")
+        fi
     fi
     for dset in ${test_sets}; do
-        dir=${asr_exp}/${decode_tag}/${dset}
-        require "${dumpdir}/raw/${dset}/wav.scp" "stage 2 (formatting)"
-        mapfile -t inputs < <(file_opts "${model_files[@]}" "${dumpdir}/raw/${dset}/wav.scp")
-        inputs+=(--option "inference_args=${inference_args}")
-        needs_work "${dir}" "${inputs[@]}" || continue
-        rm -rf "${dir}"
-        logdir=${dir}/logdir
-        mkdir -p "${logdir}"
-        n=$(split_keys "${dumpdir}/raw/${dset}/wav.scp" "${inference_nj}" "${logdir}/keys")
-        log "  ${dset}: ${n} jobs, logs in ${logdir}/asr_inference.*.log"
-        # shellcheck disable=SC2086
-        run_jobs "${n}" "${logdir}/asr_inference" ${python} -m espnet_plugin.bin.asr_inference \
-            --ngpu "$(( ngpu > 0 ? 1 : 0 ))" --batch_size 1 \
-            --data_path_and_name_and_type "${dumpdir}/raw/${dset}/wav.scp,speech,sound" \
-            --key_file "${logdir}/keys.JOB" --output_dir "${logdir}/output.JOB" \
-            "${inference_opts[@]}" ${inference_args}
-        for f in text token score; do
-            for i in $(seq 1 "${n}"); do cat "${logdir}/output.${i}/1best_recog/${f}"; done \
-                | LC_ALL=C sort -k1,1 > "${dir}/${f}"
-        done
-        stamp write --dir "${dir}" "${inputs[@]}"
+        decode_set "${dset}" "${inference_args}"
     done
 fi
 
@@ -533,24 +686,46 @@ fi
 if runs 9; then
     log "Stage 9: scoring"
     for dset in ${test_sets}; do
-        dir=${asr_exp}/${decode_tag}/${dset}
-        require "${dir}/text" "stage 8 (decoding)"
-        for unit in word char; do
-            mapfile -t inputs < <(file_opts "${dumpdir}/raw/${dset}/text" "${dir}/text")
-            needs_work "${dir}/score_${unit}" "${inputs[@]}" || continue
-            ${python} -m espnet_plugin.recipe.score --ref "${dumpdir}/raw/${dset}/text" \
-                --hyp "${dir}/text" --unit "${unit}" --name "${dset}" --out_dir "${dir}/score_${unit}"
-            stamp write --dir "${dir}/score_${unit}" "${inputs[@]}"
-        done
-        log "  ${dset}: $(grep -h . "${dir}/score_word/result.txt" | tail -n 1)"
+        score_set "${asr_exp}/${decode_tag}/${dset}" "${dset}"
     done
 fi
 
-# ---- 10: report ----
+# ---- 10: profiling ----
 if runs 10; then
-    log "Stage 10: comparison report over ${expdir}"
+    log "Stage 10: profiling the decoding of ${test_sets} (cache, time, memory)"
+    device=$( [ "${ngpu}" -gt 0 ] && echo cuda || echo cpu )
+    for dset in ${test_sets}; do
+        dir=${asr_exp}/${decode_tag}/${dset}
+        require "${dir}/text" "stage 8 (decoding)"
+        mapfile -t inputs < <(file_opts "${model_files[@]}" "${dumpdir}/raw/${dset}/wav.scp"
+                              decode_options "${inference_args}")
+        inputs+=(--option "profile_utts=${profile_utts}" --option "device=${device}")
+        needs_work "${dir}/profile" "${inputs[@]}" || continue
+        rm -rf "${dir}/profile"
+        profile_opts=("${inference_opts[@]}")
+        profile_opts=("${profile_opts[@]/#--config/--inference_config}")
+        [ -n "${profile_utts}" ] && profile_opts+=(--max_utterances "${profile_utts}")
+        # shellcheck disable=SC2086
+        ${python} -m espnet_plugin.bin.profile_kv_cache "${profile_opts[@]}" --device "${device}" \
+            --data_path_and_name_and_type "${dumpdir}/raw/${dset}/wav.scp,speech,sound" \
+            --output_dir "${dir}/profile" --fs "${fs}" ${inference_args} > "${dir}/profile.log" 2>&1 \
+            || { tail -n 20 "${dir}/profile.log"; die "profiling failed: see ${dir}/profile.log"; }
+        stamp write --dir "${dir}/profile" "${inputs[@]}"
+        log "  ${dset}: $(grep -m1 'RTF' "${dir}/profile.log")"
+    done
+fi
+
+# ---- 11: report ----
+if runs 11 && [ "${dry_run}" = true ]; then
+    log "Stage 11: (dry run) would write the report over ${expdir}"
+elif runs 11; then
+    log "Stage 11: comparison report over ${expdir}"
     ${python} -m espnet_plugin.recipe.report --exp_dir "${expdir}" --out_dir "${expdir}/report"
     log "  ${expdir}/report/RESULTS.md"
 fi
 
-log "Successfully finished. [elapsed=${SECONDS}s]"
+if [ "${dry_run}" = true ]; then
+    log "Dry run: ${todo} output(s) to make or redo"
+else
+    log "Successfully finished. [elapsed=${SECONDS}s]"
+fi

@@ -1,0 +1,1 @@
+../../TEMPLATE/asr1/run_study.sh
