@@ -281,7 +281,8 @@ def _read_json(path: Path):
         raise UserError(f"{path}: not valid JSON ({err})") from None
 
 
-def _is_count(value) -> bool:
+def is_count(value) -> bool:
+    """A whole number >= 0 (JSON's true and false are not)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -293,7 +294,9 @@ def read_summary(path: str | Path) -> dict:
         raise UserError(f"{path}: expected a JSON object, got {type(summary).__name__}")
     missing = [key for key in SUMMARY_KEYS if key not in summary]
     if missing:
-        raise UserError(f"{path}: lacks {', '.join(missing)}; write it with espnet_plugin.recipe.score")
+        raise UserError(
+            f"{path}: lacks {', '.join(missing)}; write it with espnet_plugin.recipe.score"
+        )
     if summary["unit"] not in UNITS:
         raise UserError(f"{path}: unit must be one of {', '.join(UNITS)}, got {summary['unit']!r}")
     if not isinstance(summary["error_rate"], (int, float)):
@@ -309,8 +312,8 @@ def read_utterance_counts(path: str | Path) -> dict[str, UtteranceCounts]:
         raise UserError(f"{path}: expected a non-empty JSON object of utterances")
     counts = {}
     for utt_id, entry in data.items():
-        if not (isinstance(entry, dict) and _is_count(entry.get("errors"))
-                and _is_count(entry.get("ref_len"))):
+        if not (isinstance(entry, dict) and is_count(entry.get("errors"))
+                and is_count(entry.get("ref_len"))):
             raise UserError(f"{path}: utterance '{utt_id}' needs whole numbers 'errors' and "
                             f"'ref_len', got {entry!r}")
         counts[utt_id] = UtteranceCounts(entry["errors"], entry["ref_len"])
