@@ -401,6 +401,21 @@ def test_comparisons_follow_the_configs_not_the_names(tmp_path):
     assert rows[f"asr_conmamba/{DECODE}"]["encoder"] == "branchformer"
 
 
+def test_what_keeps_a_present_pair_from_being_compared_is_said(small_study, tmp_path):
+    small_study.model("asr_mla", conformer("mla"))
+    beam_5 = {**NO_LM, "inference_args": "--beam_size 5"}
+    small_study.decode("asr_mla", "test_clean", "perfect", decode="decode_beam5", decoding=beam_5)
+    main(["--exp_dir", str(small_study.exp), "--out_dir", str(tmp_path / "out")])
+    assert results(tmp_path / "out")["not_compared"]["conformer: mha -> mla"] == (
+        "no decode with the same options")
+    small_study.decode("asr_mla", "test_clean", "perfect")
+    (small_study.exp / f"asr_mla/{DECODE}/test_clean/score_word/utterances.json").unlink()
+    main(["--exp_dir", str(small_study.exp), "--out_dir", str(tmp_path / "out")])
+    reasons = results(tmp_path / "out")["not_compared"]["conformer: mha -> mla"]
+    assert "no decode with the same options" in reasons  # the beam-5 decode still
+    assert "scored without utterances.json" in reasons
+
+
 def assert_png(path):
     image = imread(path)  # raises on anything that is not a PNG
     assert image.shape[1] == 1300 and image.shape[0] >= 500  # 6.5 inches at 200 dpi

@@ -107,7 +107,8 @@ def answer(question: Question, systems: list[System], samples: int) -> Answer:
                     counts_a = a.test_sets[name].counts.get("word")
                     counts_b = b.test_sets[name].counts.get("word")
                     if counts_a is None or counts_b is None:
-                        reasons.add("no utterances.json (score again)")
+                        reasons.add("scored without utterances.json: score again with "
+                                    "asr.sh --stage 9 --stop_stage 9 --overwrite true")
                     elif counts_a.keys() != counts_b.keys():
                         reasons.add("not the same utterances")
                     else:
