@@ -1,7 +1,7 @@
 """The study report's figures, sized for a paper: 6.5 inches wide at 200 dpi, labelled axes with
 units, legends outside the data. Drawn on matplotlib's Agg canvas without pyplot, so no display
-and no global state is needed; each function draws what it is given and knows nothing of the
-exp tree.
+and no global state is needed; each function draws the numbers it is given (and the runs of the
+``benchmark_encoder`` files, read here as the encoder-time curves' only source).
 """
 
 import math

@@ -3,11 +3,11 @@ models that answer it, matched on what their configs and stamps say (encoder, at
 model was made, dynamic chunking), never on their names; for each pair a paired bootstrap of the
 WER difference on every test set both decoded with the same options, on the same utterances.
 
-    per encoder:      mha -> mla, mla -> gqa, mha -> linear       (same size, trained from scratch)
-    per attention:    conformer -> branchformer
-                      conformer mha -> conmamba; conmamba -> conmamba with dynamic chunking
-    per converted:    the same architecture trained from scratch -> the converted model;
-                      its source fine-tuned without conversion -> the converted model
+    per encoder:     mha -> mla, mla -> gqa, mha -> linear (same size, trained from scratch)
+    per attention:   conformer -> branchformer
+    once:            conformer mha -> conmamba; conmamba -> conmamba with dynamic chunking
+    per converted:   the same architecture trained from scratch -> the converted model;
+                     its source fine-tuned without conversion -> the converted model
 
 A is the reference of each question, B the alternative: differences are B - A, in WER points.
 """
