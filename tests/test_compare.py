@@ -1,4 +1,5 @@
-"""espnet_plugin.recipe.compare: the paired bootstrap against hand-enumerated resampling distributions."""
+"""espnet_plugin.recipe.compare: the paired bootstrap against hand-enumerated resampling
+distributions."""
 
 import json
 
@@ -6,7 +7,7 @@ import pytest
 
 from espnet_plugin.cli import UserError
 from espnet_plugin.recipe.compare import main, paired_bootstrap
-from espnet_plugin.recipe.score import score
+from espnet_plugin.recipe.score import UtteranceCounts, score
 
 # u1: 4 words, A right, B two words wrong; u2: 2 words, both one wrong. A resample of two
 # utterances is (u1, u1) with probability 1/4: B - A = 4 errors / 8 words = +50 points;
@@ -16,8 +17,12 @@ HYP_A = {"u1": "one two three four", "u2": "five sex"}
 HYP_B = {"u1": "one too three for", "u2": "five sex"}
 
 
+def counts(ref, hyp):
+    return score(ref, hyp).utterance_counts()
+
+
 def test_interval_and_share_match_the_enumerated_distribution():
-    result = paired_bootstrap(score(REF, HYP_A), score(REF, HYP_B), samples=20000, seed=1)
+    result = paired_bootstrap(counts(REF, HYP_A), counts(REF, HYP_B), samples=20000, seed=1)
     assert result.error_rate_a == pytest.approx(100 / 6)
     assert result.error_rate_b == pytest.approx(300 / 6)
     assert result.difference == pytest.approx(200 / 6)
@@ -26,22 +31,33 @@ def test_interval_and_share_match_the_enumerated_distribution():
 
 
 def test_identical_systems_differ_by_nothing():
-    a = score(REF, HYP_B)
-    result = paired_bootstrap(a, score(REF, dict(HYP_B)), samples=500)
+    result = paired_bootstrap(counts(REF, HYP_B), counts(REF, dict(HYP_B)), samples=500)
     assert result.difference == 0 and result.interval_95 == (0.0, 0.0)
-    assert result.share_b_not_worse == 1.0
+    assert result.share_b_not_worse == 1.0 and not result.excludes_zero
 
 
 def test_a_system_better_on_every_utterance_is_never_worse():
     ref = {f"u{i}": "a b c d" for i in range(10)}
     worse = {key: "a x c d" for key in ref}
-    result = paired_bootstrap(score(ref, worse), score(ref, ref), samples=500)
+    result = paired_bootstrap(counts(ref, worse), counts(ref, ref), samples=500)
     assert result.interval_95 == (-25.0, -25.0) and result.share_b_not_worse == 1.0
+    assert result.excludes_zero
 
 
 def test_systems_scored_on_other_utterances_are_refused():
-    with pytest.raises(ValueError, match="same utterances"):
-        paired_bootstrap(score(REF, HYP_A), score({"u1": "one"}, {"u1": "one"}))
+    with pytest.raises(UserError, match="same utterances"):
+        paired_bootstrap(counts(REF, HYP_A), counts({"u1": "one"}, {"u1": "one"}))
+    other_reference = {**counts(REF, HYP_A), "u2": UtteranceCounts(errors=1, ref_len=3)}
+    with pytest.raises(UserError, match="'u2' has references of different lengths"):
+        paired_bootstrap(counts(REF, HYP_A), other_reference)
+
+
+def test_the_order_utterances_are_listed_in_does_not_matter():
+    ref = {f"u{i}": "a b c d" for i in range(20)}
+    hyp = {key: "a x c d" if i % 3 else "a b c" for i, key in enumerate(ref)}
+    a, b = counts(ref, ref), counts(ref, hyp)
+    reversed_b = dict(reversed(list(b.items())))
+    assert paired_bootstrap(a, b, samples=300) == paired_bootstrap(a, reversed_b, samples=300)
 
 
 def test_cli_prints_and_writes_json(tmp_path, capsys):
@@ -53,7 +69,8 @@ def test_cli_prints_and_writes_json(tmp_path, capsys):
     main(["--ref", str(files["ref"]), "--hyp_a", str(files["a"]), "--hyp_b", str(files["b"]),
           "--samples", "4000", "--out_json", str(out)])
     assert "WER A 16.7  B 50.0  B - A +33.3 points, 95% interval [+0.0, +50.0]" in capsys.readouterr().out
-    assert json.loads(out.read_text())["num_utts"] == 2
+    written = json.loads(out.read_text())
+    assert (written["unit"], written["num_utts"], written["samples"]) == ("word", 2, 4000)
 
 
 def test_cli_names_a_hypothesis_that_lacks_utterances(tmp_path):

@@ -1,139 +1,447 @@
-"""recipe.report over an exp tree the real scorer built: table values, sidecars, plots, errors."""
+"""recipe.report over a hand-made study tree that the real scorer scored: rows, missing values,
+grouping, the MHA sibling's cache ratio, the comparisons and their bootstrap, stale rows, figures
+and the errors on bad input."""
 
+import csv
 import json
+import re
 
 import pytest
+import yaml
 from matplotlib.image import imread
 
 from espnet_plugin.cli import UserError
 from espnet_plugin.recipe import score
 from espnet_plugin.recipe.report import main
+from espnet_plugin.recipe.stamp import file_hash
 
-REF = ["u1 the cat sat on the mat", "u2 good morning to you", "u3 yes"]
-# One hypothesis file per (model, test set); each has a different number of errors.
-HYPS = {
-    "clean_a": ["u1 the cat sit on the mat", "u2 good morning to you", "u3 yes"],
-    "other_a": ["u1 the cat sat on mat", "u2 good morning", "u3 yes no"],
-    "clean_b": ["u1 a cat sat on the hat", "u2", "u3 yes"],
-}
-CONFORMER = "asr_conformer/decode_asr_model_valid.acc.ave"
-CONMAMBA = "ablation/asr_conmamba/decode_beam5"  # the model is two folders deep
+DECODE = "decode_asr_asr_model_valid.acc.ave"
+LM_DECODE = "decode_asr_lm_lm_tiny_valid.loss.ave_asr_model_valid.acc.ave"
+TEST_SETS = {"test_clean": 30, "test_other": 20}  # utterances
+WORDS = ["alpha", "bravo", "charlie", "delta"]
+NO_LM = {"inference_args": "", "inference_config": "conf/decode_asr.yaml", "lm": "none"}
+WITH_LM = {"inference_args": "--lm_weight 0.6", "inference_config": "conf/decode_asr.yaml",
+           "lm": "exp/lm_tiny"}
+
+
+def ref_lines(test_set):
+    return [f"{test_set}_{i:02d} {' '.join(WORDS)}" for i in range(TEST_SETS[test_set])]
+
+
+def hyp_lines(test_set, quality):
+    """perfect: no error; poor: one substitution per utterance; mixed: one in every third."""
+    lines = []
+    for i in range(TEST_SETS[test_set]):
+        wrong = quality == "poor" or (quality == "mixed" and i % 3 == 0)
+        lines.append(f"{test_set}_{i:02d} {'zulu' if wrong else WORDS[0]} {' '.join(WORDS[1:])}")
+    return lines
+
+
+def conformer(attention, encoder="conformer_x", **encoder_conf):
+    return {
+        "encoder": encoder,
+        "encoder_conf": {"output_size": 256, "num_blocks": 12, "attention_type": attention,
+                         **encoder_conf},
+        "decoder": "cached_transformer",
+        "decoder_conf": {"num_blocks": 6, "self_attention_type": attention},
+        "model_conf": {"ctc_weight": 0.3},
+    }
+
+
+def conmamba(**encoder_conf):
+    return {
+        "encoder": "conmamba",
+        "encoder_conf": {"output_size": 144, "num_blocks": 12, **encoder_conf},
+        "decoder": "transformer",
+        "decoder_conf": {"num_blocks": 4},
+    }
+
+
+def profile(utterances, kb=None, ms=100.0, audio=60.0, peak_mb=500, chunking=None, analytic=None):
+    """A decode_stats.json with the keys the profiler writes; kb None: a decoder without cache."""
+    cache = None if kb is None else {
+        "self_bytes_per_token": 1024, "self_fixed_bytes": 0, "cross_bytes_per_frame": 512,
+        "beam_bytes_per_utterance": kb * 1024.0, "hypothesis_bytes_per_utterance": kb * 100.0,
+        "mha_beam_bytes_per_utterance": kb * 1024.0 / (analytic or 1.0),
+        "ratio_to_mha_analytic": analytic or 1.0, "measured_equals_analytic": True}
+    return {
+        "utterances": utterances, "audio_seconds": audio, "decode_ms_per_utterance": ms,
+        "rtf": ms * utterances / 1000 / audio, "peak_memory_bytes": peak_mb * 2**20,
+        "peak_memory_kind": "peak resident memory while decoding (model included)",
+        "parameters": 30_000_000, "kv_cache": cache, "chunking": chunking,
+        "settings": {"beam_size": 10}, "model": {}, "machine": {}, "per_utterance": [{}],
+    }  # fmt: skip
+
+
+class Study:
+    """Writes what asr.sh writes, stamps included, into a recipe dir."""
+
+    def __init__(self, recipe):
+        self.recipe, self.exp = recipe, recipe / "exp"
+        for test_set in TEST_SETS:
+            write_lines(recipe / "dump/raw" / test_set / "text", ref_lines(test_set))
+            write_lines(recipe / "dump/raw" / test_set / "wav.scp",
+                        [f"{line.split()[0]} a.wav" for line in ref_lines(test_set)])
+        write(recipe / "conf/decode_asr.yaml", "beam_size: 10\nlm_weight: 0.3\n")
+        write(recipe / "exp/lm_tiny/config.yaml", "lm: transformer\n")
+
+    def stamp(self, folder, files, options=None):
+        files = {str(f): file_hash(self.recipe / f) for f in files}
+        write(folder / ".stamp", json.dumps({"options": options or {}, "files": files,
+                                             "configs": {}}))
+
+    def model(self, name, config, options=None, conversion=None):
+        folder = self.exp / name
+        write(folder / "config.yaml", yaml.safe_dump(config))
+        write(folder / "valid.acc.ave.pth", f"weights of {name}")
+        self.stamp(folder, [f"exp/{name}/config.yaml"], options)
+        if conversion is not None:
+            write(folder / "conversion/report.json", json.dumps(conversion))
+        return folder
+
+    def decode(self, model, test_set, quality, decode=DECODE, decoding=NO_LM, stats=None):
+        """Stages 8-10: hypotheses and their stamp, both scores, and the profile if given."""
+        folder = self.exp / model / decode / test_set
+        model_files = [f"exp/{model}/config.yaml", f"exp/{model}/valid.acc.ave.pth",
+                       decoding["inference_config"], f"dump/raw/{test_set}/wav.scp"]
+        write_lines(folder / "text", hyp_lines(test_set, quality))
+        self.stamp(folder, model_files, decoding)
+        for unit in ("word", "char"):
+            score.main(["--ref", str(self.recipe / "dump/raw" / test_set / "text"),
+                        "--hyp", str(folder / "text"), "--unit", unit,
+                        "--out_dir", str(folder / f"score_{unit}")])  # fmt: skip
+            self.stamp(folder / f"score_{unit}",
+                       [f"dump/raw/{test_set}/text", f"exp/{model}/{decode}/{test_set}/text"])
+        if stats is not None:
+            write(folder / "profile/decode_stats.json", json.dumps(stats))
+            self.stamp(folder / "profile", model_files, decoding)
+        return folder
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def write_lines(path, lines):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    write(path, "".join(line + "\n" for line in lines))
 
 
-def decode_and_score(exp, decode: str, test_set: str, hyp: str, units=("word", "char")):
-    """What asr.sh stages 8-9 leave behind: <decode>/<test_set>/text and score_<unit>/."""
-    write_lines(exp.parent / "ref" / "text", REF)
-    write_lines(exp / decode / test_set / "text", HYPS[hyp])
-    for unit in units:
-        score.main([
-            "--ref", str(exp.parent / "ref" / "text"),
-            "--hyp", str(exp / decode / test_set / "text"),
-            "--out_dir", str(exp / decode / test_set / f"score_{unit}"),
-            "--unit", unit,
-        ])  # fmt: skip
+BENCHMARK = {
+    "machine": {"cpu": "test"}, "config": {"d_model": 144},
+    "runs": [{"device": "cpu", "threads": threads, "encoders": [
+        {"seconds": s, "pass": p, "conformer_ms": s * s * threads, "conmamba_ms": 3 * s,
+         "conformer_ms_per_second": s * threads, "conmamba_ms_per_second": 3.0}
+        for s in (5, 10, 20) for p in ("fwd", "fwd+bwd")]} for threads in (1, 2)],
+}  # fmt: skip
 
 
-def write_json(path, data):
-    path.write_text(json.dumps(data), encoding="utf-8")
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The study's systems, each with what makes it a test case."""
+    study = Study(tmp_path_factory.mktemp("recipe"))
+    # MHA Conformer: two test sets profiled on different utterance counts, and an LM decode.
+    study.model("asr_conformer_mha", conformer("mha"))
+    study.decode("asr_conformer_mha", "test_clean", "poor",
+                 stats=profile(30, kb=40, ms=100, audio=60))
+    study.decode("asr_conformer_mha", "test_other", "poor",
+                 stats=profile(10, kb=60, ms=200, audio=30, peak_mb=700))
+    for test_set in TEST_SETS:
+        study.decode("asr_conformer_mha", test_set, "mixed", decode=LM_DECODE, decoding=WITH_LM)
+    # MLA Conformer: better on every utterance; its cache is measured against the MHA one's.
+    study.model("asr_conformer_mla", conformer("mla", attention_conf={"kv_latent_dim": 96}))
+    study.decode("asr_conformer_mla", "test_clean", "perfect",
+                 stats=profile(30, kb=10, analytic=0.25))
+    study.decode("asr_conformer_mla", "test_other", "perfect",
+                 stats=profile(10, kb=16, analytic=0.3))
+    # The MHA model converted to MLA and fine-tuned: the same hypotheses as the scratch MLA one,
+    # profiled on test_clean only; and its control, the MHA model fine-tuned without conversion.
+    study.model("asr_conformer_mha_to_mla", conformer("mla"),
+                {"finetune_from": "exp/asr_conformer_mha", "convert_args": "--target mla"},
+                conversion={"target": "mla", "source": {
+                    "config": "exp/asr_conformer_mha/config.yaml", "model": "x.pth"}})
+    study.decode("asr_conformer_mha_to_mla", "test_clean", "perfect",
+                 stats=profile(30, kb=10, analytic=0.25))
+    study.decode("asr_conformer_mha_to_mla", "test_other", "perfect")
+    study.model("asr_conformer_mha_ft", conformer("mha"),
+                {"finetune_from": "exp/asr_conformer_mha", "convert_args": ""})
+    for test_set in TEST_SETS:
+        study.decode("asr_conformer_mha_ft", test_set, "mixed")
+    # GQA Conformer: its hypotheses change after scoring (stale).
+    study.model("asr_conformer_gqa", conformer("gqa"))
+    stale = study.decode("asr_conformer_gqa", "test_clean", "mixed")
+    # Branchformer MLA: no profile, no MHA sibling, one test set.
+    study.model("asr_branchformer_mla", conformer("mla", encoder="branchformer_x"))
+    study.decode("asr_branchformer_mla", "test_clean", "mixed")
+    # ConMamba: stock decoder (no cache); with dynamic chunking, two folders deep.
+    study.model("asr_conmamba", conmamba())
+    for test_set in TEST_SETS:
+        study.decode("asr_conmamba", test_set, "mixed", stats=profile(20, ms=50))
+    dc = conmamba(dynamic_chunking={"after_block": 8, "target_ratio": 0.5})
+    study.model("ablation/asr_conmamba_dc", dc)
+    study.decode("ablation/asr_conmamba_dc", "test_clean", "poor", stats=profile(
+        30, ms=40, chunking={"kept_frames": 400, "frames": 1000, "ratio": 0.4}))
+    study.decode("ablation/asr_conmamba_dc", "test_other", "poor", stats=profile(
+        20, ms=40, chunking={"kept_frames": 100, "frames": 500, "ratio": 0.2}))
+    write(study.exp / "benchmarks/benchmark_encoder.json", json.dumps(BENCHMARK))
+    write_lines(stale / "text", hyp_lines("test_clean", "perfect"))
+    return study
 
 
-@pytest.fixture
-def exp(tmp_path):
-    exp = tmp_path / "exp"
-    decode_and_score(exp, CONFORMER, "test_clean", "clean_a")
-    decode_and_score(exp, CONFORMER, "test_other", "other_a")
-    decode_and_score(exp, CONMAMBA, "test_clean", "clean_b", units=("word",))
-    return exp
+@pytest.fixture(scope="module")
+def report(study):
+    out = study.recipe / "report"
+    main(["--exp_dir", str(study.exp), "--out_dir", str(out), "--bootstrap_samples", "1000"])
+    return out
 
 
-def read_markdown_table(path) -> list[dict[str, str]]:
-    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
-    header = lines[0].strip("|").split("|")
-    return [dict(zip(header, line.strip("|").split("|"))) for line in lines[2:]]
+def results(report) -> dict:
+    return json.loads((report / "results.json").read_text())
 
 
-def result_json(exp, decode, test_set, unit) -> dict:
-    return json.loads((exp / decode / test_set / f"score_{unit}" / "result.json").read_text())
+def table_rows(report) -> list[dict]:
+    return [system["row"] for system in results(report)["systems"]]
+
+
+def rows_by_system(report) -> dict[str, dict]:
+    return {f"{r['model']}/{r['decode']}": r for r in table_rows(report)}
+
+
+def markdown_rows(path) -> list[dict[str, str]]:
+    """The first table of RESULTS.md as dicts."""
+    text = path.read_text().split("\n\n")
+    table = next(block for block in text if block.startswith("| model"))
+    lines = [[c.strip() for c in line.strip("|").split(" | ")] for line in table.splitlines()]
+    return [dict(zip(lines[0], line)) for line in lines[2:]]
+
+
+def test_rows_are_grouped_by_encoder_then_attention_then_model(report):
+    systems = [f"{r['model']}/{r['decode']}" for r in table_rows(report)]
+    assert systems == [
+        f"asr_conformer_mha/{DECODE}", f"asr_conformer_mha/{LM_DECODE}",
+        f"asr_conformer_mha_ft/{DECODE}",
+        f"asr_conformer_mha_to_mla/{DECODE}", f"asr_conformer_mla/{DECODE}",
+        f"asr_conformer_gqa/{DECODE}",
+        f"asr_branchformer_mla/{DECODE}",
+        f"ablation/asr_conmamba_dc/{DECODE}", f"asr_conmamba/{DECODE}",
+    ]  # fmt: skip
+    md = markdown_rows(report / "RESULTS.md")
+    assert [(r["model"], r["decode"]) for r in md] == [tuple(s.rsplit("/", 1)) for s in systems]
+    txt = (report / "RESULTS.txt").read_text().splitlines()
+    header = next(i for i, line in enumerate(txt) if line.startswith("model "))
+    assert [line.split()[:2] for line in txt[header + 2:header + 2 + len(systems)]] == [
+        s.rsplit("/", 1) for s in systems]
+
+
+def test_columns_say_what_each_model_is(report):
+    rows = rows_by_system(report)
+    mha, lm = rows[f"asr_conformer_mha/{DECODE}"], rows[f"asr_conformer_mha/{LM_DECODE}"]
+    assert (mha["encoder"], mha["attention"], mha["decoder_attention"]) == (
+        "conformer", "mha", "mha")
+    assert (mha["lm"], mha["lm_weight"]) == (None, None)
+    assert (lm["lm"], lm["lm_weight"]) == ("lm_tiny", 0.6)  # inference_args over the config's 0.3
+    converted = rows[f"asr_conformer_mha_to_mla/{DECODE}"]
+    assert (converted["attention"], converted["decoder_attention"]) == ("mla (from mha)",) * 2
+    assert rows[f"asr_conformer_mha_ft/{DECODE}"]["attention"] == "mha"
+    mamba = rows[f"asr_conmamba/{DECODE}"]
+    assert (mamba["encoder"], mamba["attention"], mamba["decoder_attention"]) == (
+        "conmamba", "-", "mha")
+    assert rows[f"asr_branchformer_mla/{DECODE}"]["encoder"] == "branchformer"
+
+
+def test_profiled_numbers_are_weighted_by_utterances(report):
+    rows = rows_by_system(report)
+    mha = rows[f"asr_conformer_mha/{DECODE}"]
+    assert mha["cache_kb_per_utterance"] == pytest.approx((40 * 30 + 60 * 10) / 40)
+    assert mha["decode_ms_per_utterance"] == pytest.approx((100 * 30 + 200 * 10) / 40)
+    assert mha["rtf"] == pytest.approx((0.1 * 30 + 0.2 * 10) / (60 + 30))
+    assert mha["peak_memory_mb"] == 700 and mha["parameters"] == 30_000_000
+    mla = rows[f"asr_conformer_mla/{DECODE}"]
+    assert mla["cache_ratio_analytic"] == pytest.approx((0.25 * 30 + 0.3 * 10) / 40)
+    dc = rows[f"ablation/asr_conmamba_dc/{DECODE}"]
+    assert dc["chunking_ratio"] == pytest.approx(500 / 1500)
+
+
+def test_measured_cache_ratio_is_against_the_mha_sibling_on_shared_test_sets(report):
+    rows = rows_by_system(report)
+    mla = rows[f"asr_conformer_mla/{DECODE}"]
+    assert mla["mha_sibling"] == f"asr_conformer_mha/{DECODE}"
+    assert mla["cache_ratio_measured"] == pytest.approx(
+        ((10 * 30 + 16 * 10) / 40) / ((40 * 30 + 60 * 10) / 40))
+    # Profiled on test_clean only: measured against the sibling's test_clean alone.
+    converted = rows[f"asr_conformer_mha_to_mla/{DECODE}"]
+    assert converted["cache_ratio_measured"] == pytest.approx(10 / 40)
+    assert rows[f"asr_conformer_mha/{DECODE}"]["cache_ratio_measured"] == 1.0
+    # The LM decode's sibling is decoded with the same options: itself, unprofiled.
+    assert rows[f"asr_conformer_mha/{LM_DECODE}"]["mha_sibling"] == f"asr_conformer_mha/{LM_DECODE}"
+    assert rows[f"asr_conformer_mha/{LM_DECODE}"]["cache_ratio_measured"] is None
+    assert rows[f"asr_branchformer_mla/{DECODE}"]["mha_sibling"] is None
+
+
+def test_missing_values_are_missing_never_zero(report):
+    rows = rows_by_system(report)
+    profiled = ("parameters", "cache_kb_per_utterance", "cache_ratio_analytic",
+                "decode_ms_per_utterance", "rtf", "peak_memory_mb")
+    branchformer = rows[f"asr_branchformer_mla/{DECODE}"]  # no profile, no sibling, no test_other
+    for key in (*profiled, "cache_ratio_measured", "chunking_ratio", "wer_test_other"):
+        assert branchformer[key] is None, key
+    mamba = rows[f"asr_conmamba/{DECODE}"]  # profiled, stock decoder without a cache
+    assert mamba["decode_ms_per_utterance"] == 50 and mamba["cache_kb_per_utterance"] is None
+    md = {(r["model"], r["decode"]): r for r in markdown_rows(report / "RESULTS.md")}
+    cells = md[("asr_branchformer_mla", DECODE)]
+    for label in ("params (M)", "cache KB/utt", "cache/MHA measured", "ms/utt", "RTF", "peak MB",
+                  "kept frames", "WER test_other (%)"):
+        assert cells[label] == "-", label
+    assert md[("asr_conmamba", DECODE)]["cache KB/utt"] == "-"
+    with open(report / "results.csv", newline="") as f:
+        csv_rows = {f"{r['model']}/{r['decode']}": r for r in csv.DictReader(f)}
+    assert all(csv_rows[f"asr_branchformer_mla/{DECODE}"][key] == "" for key in profiled)
+
+
+def test_csv_parses_back_to_the_numbers_of_results_json(report):
+    with open(report / "results.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    systems = results(report)["systems"]
+    assert len(csv_rows) == len(systems) == 9
+    for parsed, system in zip(csv_rows, systems):
+        assert parsed.keys() == system["row"].keys()
+        for key, value in system["row"].items():
+            if value is None:
+                assert parsed[key] == "", key
+            elif isinstance(value, bool):
+                assert parsed[key] == str(value).lower()
+            elif isinstance(value, (int, float)):
+                assert type(value)(parsed[key]) == value, key  # full precision
+            else:
+                assert parsed[key] == value
+    # And they are the scorer's numbers.
+    word = json.loads((report.parent / "exp/asr_conformer_mha" / DECODE /
+                       "test_clean/score_word/result.json").read_text())
+    assert systems[0]["row"]["wer_test_clean"] == word["error_rate"] == 25.0
+    assert systems[0]["test_sets"]["test_clean"]["scores"]["word"] == word
+    assert "per_utterance" not in systems[0]["test_sets"]["test_clean"]["profile"]
+
+
+def test_a_changed_hypothesis_file_makes_its_row_stale(report):
+    rows = rows_by_system(report)
+    assert rows[f"asr_conformer_gqa/{DECODE}"]["stale"] is True
+    assert [s for s, r in rows.items() if r["stale"]] == [f"asr_conformer_gqa/{DECODE}"]
+    md = {r["model"]: r for r in markdown_rows(report / "RESULTS.md")}
+    assert md["asr_conformer_gqa"]["stale"] == "STALE" and md["asr_conformer_mla"]["stale"] == ""
+    text = (report / "RESULTS.md").read_text()
+    assert re.search(rf"STALE asr_conformer_gqa/{DECODE}: exp/asr_conformer_gqa/{DECODE}/"
+                     r"test_clean/text has changed", text)
+    comparisons = results(report)["comparisons"]
+    assert not any("asr_conformer_gqa" in c["a"] + c["b"] for c in comparisons)
+    assert results(report)["not_compared"]["conformer: mla -> gqa"] == "stale"
+
+
+CONVERTED = "asr_conformer_mha_to_mla (conformer mla (from mha))"  # questions about it begin so
+
+
+def comparisons_of(report, question) -> list[dict]:
+    return [c for c in results(report)["comparisons"] if c["question"] == question]
+
+
+def test_identical_hypotheses_differ_by_zero_and_a_better_system_excludes_zero(report):
+    converted = comparisons_of(report, f"{CONVERTED}: trained from scratch -> converted")
+    assert [(c["a"], c["b"], c["test_set"]) for c in converted] == [
+        (f"asr_conformer_mla/{DECODE}", f"asr_conformer_mha_to_mla/{DECODE}", t) for t in TEST_SETS]
+    for c in converted:
+        low, high = c["interval_95"]
+        assert c["difference"] == 0 and low <= 0 <= high and not c["excludes_zero"]
+    mla = comparisons_of(report, "conformer: mha -> mla")
+    assert [(c["a"], c["b"], c["test_set"]) for c in mla] == [
+        (f"asr_conformer_mha/{DECODE}", f"asr_conformer_mla/{DECODE}", t) for t in TEST_SETS]
+    for c in mla:  # MLA is right where MHA got one word in four wrong
+        assert (c["error_rate_a"], c["error_rate_b"], c["difference"]) == (25.0, 0.0, -25.0)
+        assert c["interval_95"][1] < 0 and c["excludes_zero"]
+    table = (report / "RESULTS.md").read_text()
+    assert ("| conformer: mha -> mla | asr_conformer_mha | asr_conformer_mla | test_clean | 25.00 "
+            "| 0.00 | -25.00 | [-25.00, -25.00] | yes |") in table
+
+
+def test_every_question_is_answered_or_said_to_be_left_out(report):
+    answered = {c["question"] for c in results(report)["comparisons"]}
+    assert answered == {
+        "conformer: mha -> mla",
+        "mla: conformer -> branchformer",
+        "conformer mha -> conmamba",
+        "conmamba -> conmamba with dynamic chunking",
+        f"{CONVERTED}: trained from scratch -> converted",
+        f"{CONVERTED}: fine-tuned without conversion -> converted",
+    }
+    assert [c["test_set"] for c in comparisons_of(report, "mla: conformer -> branchformer")] == [
+        "test_clean"]
+    # The LM decode is compared with nothing: no other model was decoded with that LM.
+    assert not any(LM_DECODE in c["a"] + c["b"] for c in results(report)["comparisons"])
+    not_compared = results(report)["not_compared"]
+    assert not_compared["conformer: mha -> linear"] == "models absent"
+    assert not_compared["branchformer: mha -> mla"] == "models absent"
+    text = (report / "RESULTS.md").read_text()
+    absent = [line for line in text.splitlines() if line.startswith("Not compared (models absent)")]
+    assert len(absent) == 1 and "conformer: mha -> linear" in absent[0]
+
+
+def test_comparisons_follow_the_configs_not_the_names(tmp_path):
+    study = Study(tmp_path)
+    study.model("asr_mla", conformer("mha"))  # names that say the opposite of the configs
+    study.model("asr_mha", conformer("mla"))
+    study.model("asr_conmamba", conformer("gqa", encoder="branchformer_x"))
+    for name, quality, kb in (("asr_mla", "poor", 40), ("asr_mha", "perfect", 20),
+                              ("asr_conmamba", "mixed", 20)):
+        study.decode(name, "test_clean", quality, stats=profile(30, kb=kb))
+    main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out")])
+    answered = {(c["question"], c["a"].split("/")[0], c["b"].split("/")[0])
+                for c in results(tmp_path / "out")["comparisons"]}
+    assert answered == {("conformer: mha -> mla", "asr_mla", "asr_mha")}
+    rows = rows_by_system(tmp_path / "out")
+    assert rows[f"asr_mha/{DECODE}"]["mha_sibling"] == f"asr_mla/{DECODE}"
+    assert rows[f"asr_mha/{DECODE}"]["cache_ratio_measured"] == 0.5
+    assert rows[f"asr_conmamba/{DECODE}"]["encoder"] == "branchformer"
+
+
+def test_what_keeps_a_present_pair_from_being_compared_is_said(small_study, tmp_path):
+    small_study.model("asr_mla", conformer("mla"))
+    beam_5 = {**NO_LM, "inference_args": "--beam_size 5"}
+    small_study.decode("asr_mla", "test_clean", "perfect", decode="decode_beam5", decoding=beam_5)
+    main(["--exp_dir", str(small_study.exp), "--out_dir", str(tmp_path / "out")])
+    assert results(tmp_path / "out")["not_compared"]["conformer: mha -> mla"] == (
+        "no decode with the same options")
+    small_study.decode("asr_mla", "test_clean", "perfect")
+    (small_study.exp / f"asr_mla/{DECODE}/test_clean/score_word/utterances.json").unlink()
+    main(["--exp_dir", str(small_study.exp), "--out_dir", str(tmp_path / "out")])
+    reasons = results(tmp_path / "out")["not_compared"]["conformer: mha -> mla"]
+    assert "no decode with the same options" in reasons  # the beam-5 decode still
+    assert "scored without utterances.json" in reasons
 
 
 def assert_png(path):
     image = imread(path)  # raises on anything that is not a PNG
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.shape[1] == 1300 and image.shape[0] >= 500  # 6.5 inches at 200 dpi
     assert image.std() > 0  # something was drawn
 
 
-def test_table_and_json_carry_the_scores(exp, tmp_path, capsys):
-    out = tmp_path / "report"
-    main(["--exp_dir", str(exp), "--out_dir", str(out)])
-    rows = read_markdown_table(out / "RESULTS.md")
-    merged = json.loads((out / "results.json").read_text())["rows"]
-    systems = [
-        (CONMAMBA, "test_clean", ("word",)),
-        (CONFORMER, "test_clean", ("word", "char")),
-        (CONFORMER, "test_other", ("word", "char")),
-    ]
-    assert [(r["model"], r["decode"], r["test_set"]) for r in rows] == [
-        (*decode.rsplit("/", 1), test_set) for decode, test_set, _ in systems
-    ]
-    for row, record, (decode, test_set, units) in zip(rows, merged, systems):
-        word = result_json(exp, decode, test_set, "word")
-        assert record["WER"] == word["error_rate"] and row["WER"] == f"{word['error_rate']:.2f}"
-        for column, key in (("Sub", "sub_rate"), ("Del", "del_rate"), ("Ins", "ins_rate")):
-            assert record[column] == word[key] and row[column] == f"{word[key]:.2f}"
-        if "char" in units:
-            char = result_json(exp, decode, test_set, "char")
-            assert record["CER"] == char["error_rate"] and row["CER"] == f"{char['error_rate']:.2f}"
-            assert record["scores"]["char"] == char
-        else:
-            assert record["CER"] is None and row["CER"] == "-"
-        assert record["scores"]["word"] == word
-    # The three decodes differ, so a mixed-up row would show: clean_b has 6 of 11 words wrong.
-    assert merged[0]["WER"] == pytest.approx(100 * 6 / 11)
-    # Without sidecars there is nothing to plot but the error rates.
-    assert sorted(p.name for p in out.glob("*.png")) == ["cer.png", "wer.png"]
-    for png in out.glob("*.png"):
-        assert_png(png)
-    assert str(out / "RESULTS.md") in capsys.readouterr().out
+def test_figures_are_pngs_embedded_in_the_markdown(report):
+    names = ["cache_kb.png", "wer_vs_cache.png", "decode_time.png", "encoder_time.png"]
+    assert sorted(p.name for p in report.glob("*.png")) == sorted(names)
+    text = (report / "RESULTS.md").read_text()
+    for name in names:
+        assert_png(report / name)
+        assert f"]({name})" in text
+    assert results(report)["figures"] == names
+    assert results(report)["encoder_benchmarks"] == ["benchmarks/benchmark_encoder.json"]
 
 
-def test_sidecars_add_columns_and_plots(exp, tmp_path):
-    conformer = exp / CONFORMER
-    write_json(conformer / "decode_stats.json", {
-        "rtf": 0.25, "peak_memory_bytes": 300 * 2**20, "kv_cache_bytes": 64 * 2**20,
-        "per_layer": [1, 2],  # nested: not a column
-    })  # fmt: skip
-    # Nearer the test set wins: test_clean's own benchmark overrides the decode dir's rtf.
-    write_json(conformer / "test_clean" / "benchmark_speed.json", {"rtf": 0.2, "device": "cpu"})
-    conmamba_model = exp / "ablation" / "asr_conmamba"
-    write_json(conmamba_model / "benchmark.json", {"kv_cache_bytes": 0, "rtf": 0.1})
-    out = tmp_path / "report"
-    main(["--exp_dir", str(exp), "--out_dir", str(out)])
-    table = json.loads((out / "results.json").read_text())
-    assert table["columns"][-4:] == ["rtf", "kv_cache_bytes", "peak_memory_bytes", "device"]
-    by_key = {(r["model"], r["test_set"]): r for r in table["rows"]}
-    expected = {
-        ("ablation/asr_conmamba", "test_clean"): (0.1, 0, None, None),
-        ("asr_conformer", "test_clean"): (0.2, 64 * 2**20, 300 * 2**20, "cpu"),
-        ("asr_conformer", "test_other"): (0.25, 64 * 2**20, 300 * 2**20, None),
-    }
-    for key, values in expected.items():
-        assert tuple(by_key[key][c] for c in table["columns"][-4:]) == values
-    assert "per_layer" not in table["columns"]
-    md_rows = read_markdown_table(out / "RESULTS.md")
-    assert [r["kv_cache_bytes"] for r in md_rows] == ["0", str(64 * 2**20), str(64 * 2**20)]
-    assert [r["device"] for r in md_rows] == ["-", "cpu", "-"]
-    pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == [
-        "cer.png", "kv_cache_bytes.png", "peak_memory_bytes.png", "wer.png", "wer_vs_rtf.png"
-    ]
-    for png in pngs:
-        assert_png(out / png)
-        assert f"({png})" in (out / "RESULTS.md").read_text()
+def test_only_the_figures_the_data_allows(tmp_path, capsys):
+    study = Study(tmp_path)
+    study.model("asr_conmamba", conmamba())
+    study.decode("asr_conmamba", "test_clean", "mixed")  # neither profiled nor benchmarked
+    main(["--exp_dir", str(study.exp)])
+    assert list((study.exp / "report").glob("*.png")) == []
+    assert "## Figures" not in (study.exp / "report/RESULTS.md").read_text()
+    assert str(study.exp / "report/results.csv") in capsys.readouterr().out
+    main(["--exp_dir", str(study.exp)])  # the report's own folder is not read as a model
 
 
 def report_error(exp, tmp_path) -> str:
@@ -143,27 +451,78 @@ def report_error(exp, tmp_path) -> str:
 
 
 def test_nothing_to_report(tmp_path):
-    (tmp_path / "exp" / "asr_x" / "decode" / "test").mkdir(parents=True)
+    message = report_error(tmp_path / "missing", tmp_path)
+    assert "is not a folder" in message and "score_<unit>/result.json" in message
+    (tmp_path / "exp/asr_x/decode/test").mkdir(parents=True)
     message = report_error(tmp_path / "exp", tmp_path)
-    assert "no scores under" in message and "score_<unit>/result.json" in message
-    assert "is not a folder" in report_error(tmp_path / "missing", tmp_path)
+    assert "no scored decode under" in message and "<model>/config.yaml" in message
 
 
-def test_layout_and_sidecar_errors_name_the_file(exp, tmp_path):
-    write_json(exp / CONFORMER / "decode_stats.json", {"rtf": "fast"})
-    assert "decode_stats.json: 'rtf' must be a number" in report_error(exp, tmp_path)
-    write_json(exp / CONFORMER / "decode_stats.json", {"WER": 1.0})
-    assert "key 'WER' would hide" in report_error(exp, tmp_path)
-    (exp / CONFORMER / "decode_stats.json").unlink()
-    # A second word score of the same decode (e.g. an old score_wer folder) is ambiguous.
-    duplicate = exp / CONFORMER / "test_clean" / "score_wer"
-    duplicate.mkdir()
-    (duplicate / "result.json").write_bytes(
-        (exp / CONFORMER / "test_clean" / "score_word" / "result.json").read_bytes()
-    )
-    assert "both score unit 'word'" in report_error(exp, tmp_path)
-    (duplicate / "result.json").unlink()
-    shallow = exp / "asr_x" / "score_word"
-    shallow.mkdir(parents=True)
-    write_json(shallow / "result.json", {"unit": "word"})
-    assert "too shallow for the layout" in report_error(exp, tmp_path)
+@pytest.fixture
+def small_study(tmp_path):
+    study = Study(tmp_path)
+    study.model("asr_mha", conformer("mha"))
+    study.decode("asr_mha", "test_clean", "poor", stats=profile(30, kb=40))
+    return study
+
+
+@pytest.mark.parametrize("relative, content, problem", [
+    (f"asr_mha/{DECODE}/test_clean/score_word/result.json", "{", "not valid JSON"),
+    (f"asr_mha/{DECODE}/test_clean/score_word/result.json", '{"unit": "word"}', "lacks name"),
+    (f"asr_mha/{DECODE}/test_clean/score_word/utterances.json", "[1]", "expected a non-empty"),
+    (f"asr_mha/{DECODE}/test_clean/profile/decode_stats.json", "[]", "expected a JSON object"),
+    (f"asr_mha/{DECODE}/test_clean/profile/decode_stats.json", '{"utterances": 3}',
+     "lacks 'audio_seconds'"),
+    ("asr_mha/config.yaml", "encoder: [conformer", "not valid YAML"),
+    ("asr_mha/config.yaml", "decoder: transformer\n", "lacks the encoder name"),
+    ("asr_mha/config.yaml", "encoder: conformer_x\nencoder_conf: 3\n", "'encoder_conf' must be"),
+])  # fmt: skip
+def test_malformed_files_are_named(small_study, tmp_path, relative, content, problem):
+    write(small_study.exp / relative, content)
+    message = report_error(small_study.exp, tmp_path)
+    assert message.startswith(str(small_study.exp / relative)) and problem in message
+
+
+def test_bad_profile_values_are_named(small_study, tmp_path):
+    path = small_study.exp / DECODE.join(["asr_mha/", "/test_clean/profile/decode_stats.json"])
+    write(path, json.dumps({**profile(30, kb=40), "rtf": "fast"}))
+    assert f"{path}: 'rtf' must be a number" in report_error(small_study.exp, tmp_path)
+    broken_cache = profile(30, kb=40)
+    del broken_cache["kv_cache"]["beam_bytes_per_utterance"]
+    write(path, json.dumps(broken_cache))
+    assert f"{path} kv_cache lacks 'beam_bytes_per_utterance'" in report_error(
+        small_study.exp, tmp_path)
+
+
+def test_layout_errors_name_the_folder(small_study, tmp_path):
+    (small_study.exp / "asr_mha/config.yaml").unlink()
+    message = report_error(small_study.exp, tmp_path)
+    assert f"{small_study.exp / 'asr_mha'} holds decodes but no config.yaml" in message
+    shallow = small_study.exp / "asr_x/score_word"
+    write(shallow / "result.json", "{}")
+    assert "too shallow for the layout" in report_error(small_study.exp, tmp_path)
+
+
+def stale_reasons(study, tmp_path) -> list[str]:
+    main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out")])
+    return results(tmp_path / "out")["systems"][0]["stale"]
+
+
+def test_changed_weights_or_a_missing_stamp_make_a_row_stale(small_study, tmp_path):
+    assert stale_reasons(small_study, tmp_path) == []
+    write(small_study.exp / "asr_mha/valid.acc.ave.pth", "retrained")
+    decode = f"exp/asr_mha/{DECODE}/test_clean"
+    assert stale_reasons(small_study, tmp_path) == [
+        f"exp/asr_mha/valid.acc.ave.pth has changed since {decode} was made",
+        f"exp/asr_mha/valid.acc.ave.pth has changed since {decode}/profile was made",
+    ]
+    (small_study.exp / f"asr_mha/{DECODE}/test_clean/score_char/.stamp").unlink()
+    assert f"{decode}/score_char has no .stamp: nothing records what it was made from" in (
+        stale_reasons(small_study, tmp_path))
+
+
+def test_an_exp_dir_linked_elsewhere_is_read_from_the_recipe_dir(small_study, tmp_path):
+    storage = tmp_path.parent / f"{tmp_path.name}_storage"
+    small_study.exp.rename(storage)
+    small_study.exp.symlink_to(storage)  # as recipes link exp/ to a larger disk
+    assert stale_reasons(small_study, tmp_path) == []

@@ -11,7 +11,13 @@ from espnet2.text.char_tokenizer import CharTokenizer
 
 from espnet_plugin.cli import UserError
 from espnet_plugin.recipe.kaldi_data import read_text
-from espnet_plugin.recipe.score import main, score
+from espnet_plugin.recipe.score import (
+    UtteranceCounts,
+    main,
+    read_summary,
+    read_utterance_counts,
+    score,
+)
 
 # Hand-made, LibriSpeech-like transcripts (lower case: sclite ignores case by default).
 SENTENCES = [
@@ -244,6 +250,40 @@ def test_cli_writes_json_table_and_alignments(tmp_path):
         "HYP:  ***  ***",
         "Eval: D    D",
     ]
+
+
+def test_cli_writes_each_utterances_counts_for_the_bootstrap(tmp_path):
+    ref = write_text(tmp_path / "ref", ["u1 the cat sat on the mat", "u2 good morning"])
+    hyp = write_text(tmp_path / "hyp", ["u1 the cat sit on mat", "u2"])
+    main(["--ref", ref, "--hyp", hyp, "--out_dir", str(tmp_path / "score_word")])
+    counts = read_utterance_counts(tmp_path / "score_word" / "utterances.json")
+    assert counts == {"u1": UtteranceCounts(2, 6), "u2": UtteranceCounts(2, 2)}
+    assert json.loads((tmp_path / "score_word" / "utterances.json").read_text())["u1"] == {
+        "errors": 2, "ref_len": 6}
+    assert read_summary(tmp_path / "score_word" / "result.json")["errors"] == 4
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{", "not valid JSON"),
+    ("[]", "expected a non-empty JSON object"),
+    ('{"u1": {"errors": -1, "ref_len": 3}}', "utterance 'u1' needs whole numbers"),
+    ('{"u1": {"errors": 1}}', "utterance 'u1' needs whole numbers"),
+])  # fmt: skip
+def test_malformed_utterance_counts_are_named(tmp_path, content, problem):
+    (tmp_path / "utterances.json").write_text(content)
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'utterances.json'}: {problem}")):
+        read_utterance_counts(tmp_path / "utterances.json")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("not json", "not valid JSON"),
+    ('["word"]', "expected a JSON object"),
+    ('{"unit": "word"}', "lacks name, metric, error_rate"),
+])  # fmt: skip
+def test_malformed_summary_is_named(tmp_path, content, problem):
+    (tmp_path / "result.json").write_text(content)
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'result.json'}: {problem}")):
+        read_summary(tmp_path / "result.json")
 
 
 def run_cli_error(tmp_path, ref_lines, hyp_lines, *extra) -> str:

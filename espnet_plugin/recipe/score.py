@@ -4,6 +4,8 @@ Reads two Kaldi-style text files (``utt_id transcript...``; a hypothesis may be 
 into ``--out_dir``:
 
 - ``result.json``: unit, counts and rates; the report step and comparison tools read it.
+- ``utterances.json``: each utterance's errors and reference length, ``{utt_id: {"errors": int,
+  "ref_len": int}}``: what a paired bootstrap of two systems needs (``recipe.compare``).
 - ``result.txt``: an ESPnet RESULTS-style table (Snt Wrd Corr Sub Del Ins Err S.Err); its last
   line is the table row, so ``tail -n 1`` gives the summary.
 - ``alignments.txt``: per utterance, sclite-pralign-style REF/HYP/Eval lines and its counts.
@@ -26,6 +28,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import jiwer
 
@@ -37,6 +40,9 @@ METRIC = {"word": "WER", "char": "CER"}
 SPACE_TOKEN = "<space>"  # ESPnet's name for the space between words in character units
 GAP = "***"  # sclite's mark for the missing side of an insertion or deletion
 CORRECT, SUBSTITUTION, DELETION, INSERTION = "C", "S", "D", "I"
+RESULT_FILE, UTTERANCES_FILE = "result.json", "utterances.json"
+# result.json keys that readers rely on.
+SUMMARY_KEYS = ("name", "unit", "metric", "error_rate", "num_utts", "ref_len", "errors")
 
 # jiwer's chunk type -> our per-token operation.
 _OPERATION = {"equal": CORRECT, "substitute": SUBSTITUTION, "delete": DELETION, "insert": INSERTION}
@@ -62,6 +68,13 @@ class AlignedUtterance:
     @property
     def errors(self) -> int:
         return len(self.ops) - self.count(CORRECT)
+
+
+class UtteranceCounts(NamedTuple):
+    """One utterance's score: all that resampling utterances needs."""
+
+    errors: int
+    ref_len: int
 
 
 def percent(count: int, total: int) -> float:
@@ -119,6 +132,9 @@ class ScoreResult:
             "sentence_errors": self.sentence_errors,
             "sentence_error_rate": percent(self.sentence_errors, self.num_utts),
         }
+
+    def utterance_counts(self) -> dict[str, UtteranceCounts]:
+        return {u.utt_id: UtteranceCounts(u.errors, u.ref_len) for u in self.utterances}
 
 
 def _preview(ids: list[str], shown: int = 10) -> str:
@@ -243,15 +259,65 @@ def format_alignment(utt: AlignedUtterance) -> str:
 
 
 def write_results(result: ScoreResult, out_dir: str | Path, name: str) -> None:
-    """Write result.json, result.txt and alignments.txt into ``out_dir``."""
+    """Write result.json, utterances.json, result.txt and alignments.txt into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = result.summary(name)
-    (out_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    counts = {utt_id: c._asdict() for utt_id, c in result.utterance_counts().items()}
+    (out_dir / UTTERANCES_FILE).write_text(json.dumps(counts) + "\n", encoding="utf-8")
     (out_dir / "result.txt").write_text(format_table(summary) + "\n", encoding="utf-8")
     (out_dir / "alignments.txt").write_text(
         "\n\n".join(format_alignment(utt) for utt in result.utterances) + "\n", encoding="utf-8"
     )
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def is_count(value) -> bool:
+    """A whole number >= 0 (JSON's true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_summary(path: str | Path) -> dict:
+    """A ``result.json`` written by :func:`write_results`, checked for the keys readers use."""
+    path = Path(path)
+    summary = _read_json(path)
+    if not isinstance(summary, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    missing = [key for key in SUMMARY_KEYS if key not in summary]
+    if missing:
+        raise UserError(
+            f"{path}: lacks {', '.join(missing)}; write it with espnet_plugin.recipe.score"
+        )
+    if summary["unit"] not in UNITS:
+        raise UserError(f"{path}: unit must be one of {', '.join(UNITS)}, got {summary['unit']!r}")
+    if not isinstance(summary["error_rate"], (int, float)):
+        raise UserError(f"{path}: error_rate must be a number, got {summary['error_rate']!r}")
+    return summary
+
+
+def read_utterance_counts(path: str | Path) -> dict[str, UtteranceCounts]:
+    """An ``utterances.json`` written by :func:`write_results`: utt_id -> errors, ref_len."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{path}: expected a non-empty JSON object of utterances")
+    counts = {}
+    for utt_id, entry in data.items():
+        if not (isinstance(entry, dict) and is_count(entry.get("errors"))
+                and is_count(entry.get("ref_len"))):
+            raise UserError(f"{path}: utterance '{utt_id}' needs whole numbers 'errors' and "
+                            f"'ref_len', got {entry!r}")
+        counts[utt_id] = UtteranceCounts(entry["errors"], entry["ref_len"])
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:

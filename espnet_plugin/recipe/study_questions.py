@@ -1,0 +1,123 @@
+"""The questions the study asks of its models, and their answers: for each question the pairs of
+models that answer it, matched on what their configs and stamps say (encoder, attention, how the
+model was made, dynamic chunking), never on their names; for each pair a paired bootstrap of the
+WER difference on every test set both decoded with the same options, on the same utterances.
+
+    per encoder:     mha -> mla, mla -> gqa, mha -> linear (same size, trained from scratch)
+    per attention:   conformer -> branchformer
+    once:            conformer mha -> conmamba; conmamba -> conmamba with dynamic chunking
+    per converted:   the same architecture trained from scratch -> the converted model;
+                     its source fine-tuned without conversion -> the converted model
+
+A is the reference of each question, B the alternative: differences are B - A, in WER points.
+"""
+
+from dataclasses import asdict, dataclass
+
+from espnet_plugin.recipe.compare import paired_bootstrap
+from espnet_plugin.recipe.study_layout import (
+    ATTENTION_ORDER,
+    ENCODER_ORDER,
+    NO_ATTENTION,
+    Model,
+    System,
+    ordered,
+)
+
+
+@dataclass(frozen=True)
+class Question:
+    title: str
+    pairs: list[tuple[Model, Model]]  # (A, B): the models that answer it, A the reference
+
+
+def _matches(model: Model, **wanted) -> bool:
+    """The model's or its architecture's attributes have the wanted values."""
+    return all(getattr(model.arch if hasattr(model.arch, key) else model, key) == value
+               for key, value in wanted.items())
+
+
+def study_questions(models: list[Model]) -> list[Question]:
+    """The study's questions, each with the model pairs (matched on metadata) that answer it."""
+    scratch = [m for m in models if m.origin == "scratch"]
+
+    def pairs(a: dict, b: dict, same_size: bool) -> list[tuple[Model, Model]]:
+        return [(x, y) for x in scratch if _matches(x, **a) for y in scratch
+                if y is not x and _matches(y, **b)
+                and (not same_size or x.arch.size == y.arch.size)]
+
+    with_attention = [m.arch.encoder for m in models if m.arch.attention != NO_ATTENTION]
+    encoders = ordered(["conformer", "branchformer", *with_attention], ENCODER_ORDER)
+    attentions = ordered([*ATTENTION_ORDER, *(m.arch.attention for m in models)], ATTENTION_ORDER)
+    questions = [
+        Question(f"{encoder}: {a} -> {b}",
+                 pairs(dict(encoder=encoder, attention=a, chunking=False),
+                       dict(encoder=encoder, attention=b, chunking=False), same_size=True))
+        for encoder in encoders for a, b in (("mha", "mla"), ("mla", "gqa"), ("mha", "linear"))
+    ]
+    questions += [
+        Question(f"{attention}: conformer -> branchformer",
+                 pairs(dict(encoder="conformer", attention=attention, chunking=False),
+                       dict(encoder="branchformer", attention=attention, chunking=False),
+                       same_size=False))
+        for attention in attentions if attention != NO_ATTENTION
+    ]
+    questions.append(Question("conformer mha -> conmamba", pairs(
+        dict(encoder="conformer", attention="mha", chunking=False),
+        dict(encoder="conmamba", chunking=False), same_size=False)))
+    questions.append(Question("conmamba -> conmamba with dynamic chunking", pairs(
+        dict(encoder="conmamba", chunking=False), dict(encoder="conmamba", chunking=True),
+        same_size=True)))
+    for converted in (m for m in models if m.origin == "converted"):
+        arch = converted.arch
+        same_target = [m for m in scratch if m.arch == arch]
+        controls = [m for m in models if m.origin == "finetuned"
+                    and m.finetune_from == converted.finetune_from]
+        what = f"{converted.name} ({arch.encoder} {converted.attention_label})"
+        questions.append(Question(f"{what}: trained from scratch -> converted",
+                                  [(m, converted) for m in same_target]))
+        questions.append(Question(f"{what}: fine-tuned without conversion -> converted",
+                                  [(m, converted) for m in controls]))
+    return questions
+
+
+@dataclass
+class Answer:
+    question: str
+    comparisons: list[dict]
+    left_out: str = ""  # why there is no comparison: "models absent", ...
+
+
+def answer(question: Question, systems: list[System], samples: int) -> Answer:
+    """Paired bootstraps of the WER of every current decode pair with the same decoding options,
+    on each test set both decoded (same utterances)."""
+    if not question.pairs:
+        return Answer(question.title, [], "models absent")
+    comparisons, reasons = [], set()
+    for model_a, model_b in question.pairs:
+        for a in (s for s in systems if s.model is model_a):
+            for b in (s for s in systems if s.model is model_b):
+                if a.stale or b.stale:
+                    reasons.add("stale")
+                    continue
+                if a.decoding != b.decoding:
+                    reasons.add("no decode with the same options")
+                    continue
+                for name in sorted(a.test_sets.keys() & b.test_sets.keys()):
+                    counts_a = a.test_sets[name].counts.get("word")
+                    counts_b = b.test_sets[name].counts.get("word")
+                    if counts_a is None or counts_b is None:
+                        reasons.add("scored without utterances.json: score again with "
+                                    "asr.sh --stage 9 --stop_stage 9 --overwrite true")
+                    elif counts_a.keys() != counts_b.keys():
+                        reasons.add("not the same utterances")
+                    else:
+                        result = paired_bootstrap(counts_a, counts_b, samples)
+                        comparisons.append({
+                            "question": question.title, "a": a.name, "b": b.name,
+                            "test_set": name, "unit": "word", **asdict(result),
+                            "excludes_zero": result.excludes_zero,
+                        })
+                if not a.test_sets.keys() & b.test_sets.keys():
+                    reasons.add("no test set in common")
+    return Answer(question.title, comparisons, "" if comparisons else ", ".join(sorted(reasons)))
