@@ -32,7 +32,8 @@ def work(tmp_path_factory):
     lines = [" ".join(words[i : i + 12][::-1]) for i in range(0, len(words), 12)] * 50
     with gzip.open(work / "corpus.txt.gz", "wt") as f:
         f.write("\n".join([*lines, test_sentence]) + "\n")
-    run_recipe(work, "--stage", "2", "--stop_stage", "6", *SETS, *LM,
+    run_recipe(work, "--stage", "2", "--stop_stage", "4", *SETS, "--asr_config", "conf/train_asr.yaml")
+    run_recipe(work, "--stage", "6", "--stop_stage", "6", *SETS, *LM,
                "--lm_train_text", "corpus.txt.gz")
     return work, len(lines)
 

@@ -20,7 +20,8 @@ SOURCES = sorted(
 
 def named_paths(source: Path) -> list[str]:
     text = source.read_text(encoding="utf-8")
-    return [m for m in PATH.findall(text) if not any(c in m for c in "<>*{")]
+    # "{a,b}" is a brace expansion (left out); a "}" without "{" closes a YAML flow mapping
+    return [m.rstrip("}") for m in PATH.findall(text) if not any(c in m for c in "<>*{")]
 
 
 def exists(path: str, source: Path) -> bool:

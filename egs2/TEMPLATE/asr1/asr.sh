@@ -72,7 +72,7 @@ bpe_char_cover=1.0
 asr_config=              # training YAML
 asr_tag=                 # experiment name suffix (default: the config's name)
 asr_args=                # extra arguments for asr_train
-finetune_from=           # an exp dir: fine-tune its model instead of training from --asr_config
+finetune_from=           # an exp dir: fine-tune its model (its config; --asr_config is not used)
 convert_args=            # with --finetune_from: convert its attention first, e.g. "--target mla --kv_latent_dim 64"
 finetune_epochs=4        # with --finetune_from: epochs (0: decode the starting model as it is)
 finetune_lr_scale=0.1    # with --finetune_from: learning rate as a share of the starting model's
@@ -145,7 +145,7 @@ one_of bad_audio fail drop
 [[ ${finetune_epochs} =~ ^[0-9]+$ ]] || die "--finetune_epochs '${finetune_epochs}': expected a whole number"
 [ -z "${convert_args}" ] || [ -n "${finetune_from}" ] || die "--convert_args needs --finetune_from (the model to convert)"
 if [ -n "${finetune_from}" ]; then
-    [ -z "${asr_config}" ] || die "give either --asr_config (train) or --finetune_from (fine-tune), not both"
+    asr_config=  # a fine-tuning trains its starting model's config (run.sh's default is not used)
     if runs 4 || runs 5; then
         require "${finetune_from}/config.yaml" "the training of the model to fine-tune"
         require "${finetune_from}/${inference_asr_model}" "the training of the model to fine-tune"
@@ -199,13 +199,16 @@ elif [ -z "${asr_tag}" ]; then
     [ -n "${asr_config}" ] && asr_tag=$(basename "${asr_config}" .yaml) || asr_tag=default
     asr_tag+=_raw_${lang}_${token_suffix}${sp_suffix}
 fi
-# The config whose frontend the statistics follow (a fine-tuned model keeps its starting one's);
-# each frontend and sampling rate gets its own statistics, named after them.
-stats_config=${asr_config:-${finetune_from:+${finetune_from}/config.yaml}}
+# Each frontend and sampling rate gets its own statistics, named after them; a fine-tuning
+# normalises as its starting model was trained to (the statistics its config.yaml names).
 asr_stats_dir=${expdir}/asr_stats_raw_${lang}_${token_suffix}${sp_suffix}
-if [ -n "${stats_config}" ] && [ -e "${stats_config}" ]; then
+if [ -n "${finetune_from}" ] && [ -e "${finetune_from}/config.yaml" ]; then
+    asr_stats_dir=$(${python} -c 'import sys, yaml
+print(yaml.safe_load(open(sys.argv[1]))["normalize_conf"]["stats_file"])' "${finetune_from}/config.yaml")
+    asr_stats_dir=${asr_stats_dir%/train/feats_stats.npz}
+elif [ -n "${asr_config}" ] && [ -e "${asr_config}" ]; then
     asr_stats_dir+=_$(${python} -m espnet_plugin.recipe.stamp digest --option "fs=${fs}" \
-        --config "${stats_config}:frontend,frontend_conf")
+        --config "${asr_config}:frontend,frontend_conf")
 fi
 asr_exp=${expdir}/asr_${asr_tag}
 lm_stats_dir=${expdir}/lm_stats_${lang}_${token_suffix}
@@ -335,13 +338,15 @@ if runs 3; then
 fi
 
 # ---- 4: statistics ----
-if runs 4; then
+if runs 4 && [ -n "${finetune_from}" ]; then
+    log "Stage 4: the statistics of ${finetune_from}: ${asr_stats_dir}"
+elif runs 4; then
     log "Stage 4: statistics collection into ${asr_stats_dir}"
     for f in "${train_dump}/wav.scp" "${valid_dump}/wav.scp" "${token_list}"; do
         require "$f" "stages 2-3"
     done
     mapfile -t inputs < <(file_opts "${train_dump}/"{wav.scp,text} "${valid_dump}/"{wav.scp,text} "${token_files[@]}")
-    inputs+=(--option "fs=${fs}" --config "${stats_config}:frontend,frontend_conf")
+    inputs+=(--option "fs=${fs}" --config "${asr_config}:frontend,frontend_conf")
     if needs_work "${asr_stats_dir}" "${inputs[@]}"; then
         rm -rf "${asr_stats_dir}"
         logdir=${asr_stats_dir}/logdir
@@ -356,7 +361,7 @@ if runs 4; then
             --collect_stats true --use_preprocessor true "${token_opts[@]}" \
             $(data_opts train "${train_dump}") $(data_opts valid "${valid_dump}") \
             --train_shape_file "${logdir}/train.scp.JOB" --valid_shape_file "${logdir}/valid.scp.JOB" \
-            --output_dir "${logdir}/stats.JOB" --config "${stats_config}" --frontend_conf "fs=${fs}"
+            --output_dir "${logdir}/stats.JOB" --config "${asr_config}" --frontend_conf "fs=${fs}"
         inputs_dirs=()
         for i in $(seq 1 "${n}"); do inputs_dirs+=(--input_dir "${logdir}/stats.${i}"); done
         ${python} -m espnet2.bin.aggregate_stats_dirs "${inputs_dirs[@]}" --output_dir "${asr_stats_dir}"
