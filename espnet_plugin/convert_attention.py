@@ -150,7 +150,8 @@ def make_plan(args: argparse.Namespace, model: nn.Module) -> Plan:
     groups = args.modules or sorted(mha_groups, key=MODULE_GROUPS.index)
     for group in groups:
         if group not in MODULE_GROUPS:
-            raise UserError(f"--modules {group}: unknown; expected any of {', '.join(MODULE_GROUPS)}")
+            raise UserError(f"--modules {group}: unknown; expected any of "
+                            f"{', '.join(MODULE_GROUPS)}")
         if group not in mha_groups:
             raise UserError(f"--modules {group}: {args.asr_train_config} has no multi-head "
                             f"attention there")
@@ -528,7 +529,8 @@ def print_report(report: dict) -> None:
         tail = m.get("svd_tail_energy")
         print(f"{m['name']:<32} {m['relative_error']:>10.4f} "
               f"{'-' if tail is None else f'{tail:.4f}':>9} "
-              f"{m['cache_bytes_per_position_before']:>12} {m['cache_bytes_per_position_after']:>6}"
+              f"{m['cache_bytes_per_position_before']:>12} "
+              f"{m['cache_bytes_per_position_after']:>6}"
               f"  {m.get('rope_pairs') or '-'}")
     for group, cache in report["kv_cache"].items():
         print(f"cache per position, {group}: {cache['before']} -> {cache['after']} B "
@@ -538,9 +540,9 @@ def print_report(report: dict) -> None:
         wer = report.get("wer", {}).get(name)
         wer_text = "" if wer is None else (f", WER greedy {wer['greedy']:.1f} "
                                            f"beam {wer['beam']:.1f}")
-        print(f"{name:>9}: loss {loss['loss']:.2f} (attention {loss.get('loss_att', math.nan):.2f}"
-              f", CTC {loss.get('loss_ctc', math.nan):.2f}), accuracy {loss.get('acc', math.nan):.3f}"
-              f"{wer_text}")
+        print(f"{name:>9}: loss {loss['loss']:.2f} (attention "
+              f"{loss.get('loss_att', math.nan):.2f}, CTC {loss.get('loss_ctc', math.nan):.2f}), "
+              f"accuracy {loss.get('acc', math.nan):.3f}{wer_text}")
     print("(loss per token; relative error: ||converted - original|| / ||original|| of each "
           "module's output)")
 

@@ -1,7 +1,7 @@
 """`python -m espnet_plugin.bin.asr_inference`: ESPnet's ASR decoding, with the plugin's classes
-registered and its safeguards installed (:mod:`espnet_plugin.safeguards`). Both happen at import,
-so spawned DDP workers, which re-import this module, get them too. Every input's audio is checked
-before decoding starts."""
+registered and its safeguards installed (:mod:`espnet_plugin.safeguards`). Both happen at
+import, so spawned DDP workers, which re-import this module, get them too. Every input's audio
+is checked before decoding starts."""
 
 import sys
 

@@ -1,6 +1,6 @@
-"""`python -m espnet_plugin.bin.lm_train`: ESPnet's LM training, with the plugin's classes registered
-and its safeguards installed (:mod:`espnet_plugin.safeguards`). Both happen at import, so spawned
-DDP workers, which re-import this module, get them too."""
+"""`python -m espnet_plugin.bin.lm_train`: ESPnet's LM training, with the plugin's classes
+registered and its safeguards installed (:mod:`espnet_plugin.safeguards`). Both happen at
+import, so spawned DDP workers, which re-import this module, get them too."""
 
 from espnet2.bin.lm_train import main
 

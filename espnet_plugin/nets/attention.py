@@ -446,7 +446,8 @@ class MultiHeadLatentAttention(SoftmaxAttention):
 
     def _rope_keys(self, cache: LatentCache) -> torch.Tensor:
         """The rotary key each query head reads, (batch, n_heads, time, rope_dim) (a view)."""
-        keys = self._split_heads(cache.rope_key, self.rope_key_heads)  # (b, g, time, rope_dim)
+        # (batch, rope_key_heads, time, rope_dim), each key repeated for its group of heads
+        keys = self._split_heads(cache.rope_key, self.rope_key_heads)
         group = self.n_heads // self.rope_key_heads
         batch, _, time, _ = keys.shape
         return keys[:, :, None].expand(-1, -1, group, -1, -1).reshape(

@@ -29,24 +29,24 @@ from espnet_plugin.nets.scan import linear_recurrence
 
 @dataclass
 class ChunkState:
-    """What ``dechunk`` and the losses need to know about one ``chunk`` call (B, L full rate)."""
+    """What ``dechunk`` and the losses need to know about one ``chunk`` call (time: the full frame rate)."""
 
-    hidden: torch.Tensor  # (B, L, D) input of chunk, for the residual
-    lengths: torch.Tensor  # (B,) valid frames per utterance
-    boundary_prob: torch.Tensor  # (B, L) p_t; 0 on padding
-    boundary: torch.Tensor  # (B, L) router decisions b_t = [p_t >= 0.5]; False on padding
-    kept: torch.Tensor  # (B, L) frames kept: the boundaries plus those forced by min_lengths
-    kept_index: torch.Tensor  # (B, M) full-rate position of each chunked frame
-    chunk_lengths: torch.Tensor  # (B,) kept frames per utterance
+    hidden: torch.Tensor  # (batch, time, d_model) input of chunk, for the residual
+    lengths: torch.Tensor  # (batch,) valid frames per utterance
+    boundary_prob: torch.Tensor  # (batch, time) p_t; 0 on padding
+    boundary: torch.Tensor  # (batch, time) router decisions b_t = [p_t >= 0.5]; False on padding
+    kept: torch.Tensor  # (batch, time) frames kept: the boundaries plus those forced by min_lengths
+    kept_index: torch.Tensor  # (batch, chunks) full-rate position of each chunked frame
+    chunk_lengths: torch.Tensor  # (batch,) kept frames per utterance
 
     @property
     def valid(self) -> torch.Tensor:
-        """(B, L) True on the frames of each utterance, False on padding."""
+        """(batch, time) True on the frames of each utterance, False on padding."""
         return _length_mask(self.lengths, self.boundary.size(1))
 
     @property
     def chunk_mask(self) -> torch.Tensor:
-        """(B, M) True on the chunked frames of each utterance, False on padding."""
+        """(batch, chunks) True on the chunked frames of each utterance, False on padding."""
         return _length_mask(self.chunk_lengths, self.kept_index.size(1))
 
     @property
@@ -98,14 +98,14 @@ class _OneWithGradient(torch.autograd.Function):
 
 
 def kept_confidence(state: "ChunkState") -> torch.Tensor:
-    """(B, M) H-Net's confidence of each chunked frame, p_t (it was kept), as a straight-through
+    """(batch, chunks) H-Net's confidence of each chunked frame, p_t (it was kept), as a straight-through
     1: multiplying a frame by it changes nothing forward and hands the router that frame's
     gradient."""
     return _OneWithGradient.apply(state.boundary_prob.gather(1, state.kept_index))
 
 
 class DynamicChunking(AuxLossMixin, nn.Module):
-    """Route, chunk and dechunk a padded batch ``(B, L, d_model)`` with per-utterance lengths.
+    """Route, chunk and dechunk a padded batch ``(batch, time, d_model)`` with per-utterance lengths.
 
     Args:
         d_model: feature size.
@@ -150,7 +150,7 @@ class DynamicChunking(AuxLossMixin, nn.Module):
     def route(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boundary probabilities p_t = (1 - cos(W_q x_t, W_k x_{t-1})) / 2, with p_1 = 1.
 
-        Returns ``(boundary_prob, boundary)``, both (B, L), 0 / False on padding. A valid p_t only
+        Returns ``(boundary_prob, boundary)``, both (batch, time), 0 / False on padding. A valid p_t only
         reads frames t - 1 and t, so padding never reaches it.
         """
         q = F.normalize(_upcast(self.q_proj(x[:, 1:])), dim=-1)
@@ -167,15 +167,15 @@ class DynamicChunking(AuxLossMixin, nn.Module):
         """Keep the boundary frames of each utterance, packed to the left.
 
         Args:
-            x: (B, L, d_model) hidden states.
-            lengths: (B,) valid frames per utterance.
-            min_lengths: optional (B,) least number of frames to keep per utterance, e.g. the
+            x: (batch, time, d_model) hidden states.
+            lengths: (batch,) valid frames per utterance.
+            min_lengths: optional (batch,) least number of frames to keep per utterance, e.g. the
                 token count so that CTC stays feasible on the chunked sequence. Short utterances
                 keep, besides their boundaries, the non-boundary frames of highest p_t (capped at
                 the utterance length). The ratio loss sees the router's own decisions only.
 
         Returns:
-            ``(x_chunked (B, M, d_model), chunk_lengths (B,), state)``; chunked padding is 0 and
+            ``(x_chunked (batch, chunks, d_model), chunk_lengths (batch,), state)``; chunked padding is 0 and
             ``state.chunk_mask`` marks the valid chunked frames.
         """
         if x.size(-1) != self.d_model:
@@ -217,9 +217,9 @@ class DynamicChunking(AuxLossMixin, nn.Module):
         """
         if self.residual_proj is None:
             raise RuntimeError("this DynamicChunking was built with dechunks=False")
-        step = state.boundary_prob.gather(1, state.kept_index)[..., None]  # (B, M, 1)
+        step = state.boundary_prob.gather(1, state.kept_index)[..., None]  # (batch, chunks, 1)
         smoothed = linear_recurrence((1 - step).expand_as(x_chunked), step * _upcast(x_chunked))
-        latest_kept = (state.kept.cumsum(1) - 1).clamp(min=0)  # (B, L)
+        latest_kept = (state.kept.cumsum(1) - 1).clamp(min=0)  # (batch, time)
         upsampled = smoothed.gather(1, latest_kept[..., None].expand(-1, -1, smoothed.size(-1)))
         confidence = torch.where(state.kept, state.boundary_prob, 1 - state.boundary_prob)
         out = upsampled * _OneWithGradient.apply(confidence)[..., None]

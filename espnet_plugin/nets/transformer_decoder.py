@@ -267,7 +267,8 @@ class CachedTransformerDecoder(AbsDecoder, BatchScorerInterface):
         xs: torch.Tensor,
         return_hs: bool = False,
     ) -> Tuple[Any, List[DecoderState]]:
-        """Next-token log-probabilities (n_batch, vocab) of prefixes ``ys`` (n_batch, length).
+        """Next-token log-probabilities (hypotheses, vocab) of the prefixes ``ys``
+        (hypotheses, length).
 
         Only the tokens not in the caches are run: the last one at each step, the whole prefix
         on the first step (a primer may hold several tokens). ``xs`` is not read: the encoder
