@@ -4,6 +4,7 @@ checks that need no stage run before stage 1. Each scenario runs asr.sh on a cop
 recipe the session already ran (data, a tiny model, its decodes)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -155,3 +156,17 @@ def test_decoding_errors_name_the_utterance_and_file(work, tmp_path):
         assert result.returncode != 0
         assert f"utterance '{key}'" in result.stderr and str(path) in result.stderr, \
             result.stderr[-2000:]
+
+
+def test_a_dry_run_says_what_would_be_made_and_makes_nothing(work):
+    common = ["--asr_config", TINY, "--test_sets", "test", "--inference_args", FAST_DECODING,
+              "--dry_run", "true"]
+    done = run_recipe(work, "--stage", "2", "--stop_stage", "10", *common)
+    assert "Dry run: 0 output(s) to make or redo" in done.stdout, done.stdout[-3000:]
+    before = (work / "dump/raw/train_sp/utt2num_samples").read_bytes()
+    stale = run_recipe(work, "--stage", "2", "--stop_stage", "10", *common,
+                       "--max_wav_duration", "3", check=False)
+    assert "(dry run) would make dump/raw/train_sp" in stale.stdout
+    assert re.search(r"Dry run: [1-9]\d* output\(s\) to make or redo", stale.stdout) \
+        or "was trained from other inputs" in stale.stderr
+    assert (work / "dump/raw/train_sp/utt2num_samples").read_bytes() == before

@@ -7,10 +7,14 @@ The recipe runs once per session on real recorded prompts that `apt-get download
 """
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import soundfile
@@ -105,15 +109,27 @@ def test_distributed_training_with_two_cpu_processes(recipe):
     assert (recipe / "exp/asr_ddp/1epoch.pth").is_file()
 
 
-def test_interrupted_training_resumes_without_losing_checkpoints(recipe):
-    args = ("--stage", "5", "--stop_stage", "5", "--asr_config", TINY, "--asr_tag", "resume")
-    run_recipe(recipe, *args, "--asr_args", "--max_epoch 1")  # "interrupted" after one epoch
+def test_a_killed_training_resumes_without_losing_checkpoints(recipe):
+    """The training is killed (SIGKILL, the whole run.sh) once its first epoch is saved; the same
+    command again resumes from the checkpoint and keeps the first epoch's files."""
+    args = ["--stage", "5", "--stop_stage", "5", "--asr_config", TINY, "--asr_tag", "resume"]
     exp = recipe / "exp/asr_resume"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    training = subprocess.Popen(["bash", "run.sh", *args], cwd=recipe, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.time() + 900
+    while not (exp / "1epoch.pth").exists() and training.poll() is None:
+        assert time.time() < deadline, "the first epoch did not finish in time"
+        time.sleep(1)
+    os.killpg(training.pid, signal.SIGKILL)
+    training.wait()
+    assert not (exp / "valid.acc.ave.pth").exists(), "killed after the training had finished"
     first = (exp / "1epoch.pth").stat().st_mtime_ns
-    run_recipe(recipe, *args, "--asr_args", "--max_epoch 2")
+    run_recipe(recipe, *args)
     log = (exp / "train.log").read_text()
     assert "resumed" in log.lower() and "2epoch" in log
-    assert (exp / "2epoch.pth").is_file()
+    assert (exp / "2epoch.pth").is_file() and (exp / "valid.acc.ave.pth").is_file()
     assert (exp / "1epoch.pth").stat().st_mtime_ns == first
 
 

@@ -73,8 +73,9 @@ def fetch_debs(download_dir: Path, packages: tuple[str, ...] = PACKAGES) -> list
     if debs is None:
         raise UserError(
             f"`{' '.join(command)}` failed in {download_dir}: {problem}\n"
-            "Run `apt-get update` (as root) so apt knows these packages, or download the "
-            ".deb files yourself (e.g. from packages.debian.org) into that folder."
+            "Run `apt-get update` (as root) so apt knows these packages, or put their .deb "
+            "files (e.g. from packages.debian.org) into that folder (for the prompts, --deb_dir "
+            "DIR names another folder)."
         )
     return debs
 
