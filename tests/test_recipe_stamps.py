@@ -88,6 +88,10 @@ def test_each_frontend_gets_its_own_statistics(work):
     """Other mel bands (or hop, or window): statistics of their own, the others kept; a config
     changed in place is not trained on with the model begun from the old one."""
     stats = stats_dir(work)
+    (work / "conf" / "tiny_copy.yaml").write_text((work / TINY).read_text())
+    same = run_recipe(work, "--asr_config", "conf/tiny_copy.yaml", "--stage", "4",
+                      "--stop_stage", "4")
+    assert f"{stats.relative_to(work)}: up to date" in same.stdout  # another config, same frontend
     config = yaml.safe_load((work / TINY).read_text())
     config["frontend_conf"]["n_mels"] = 30
     (work / "conf" / "tiny_30mels.yaml").write_text(yaml.safe_dump(config))

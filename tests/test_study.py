@@ -155,7 +155,8 @@ def test_the_study_on_the_small_recipe(recipe, tmp_path, pytestconfig):
         cwd=work, capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     status = result.stdout.split("status:")[1].split("started")[0]
-    assert re.search(rf"{tag} +done", status) and re.search(r"tiny_gqa +to do", status)
+    assert re.search(rf"{tag} +done", status)
+    assert re.search(r"tiny_gqa +to do \(\d+ outputs missing or stale\)", status), status
     assert f"started {tag}" not in result.stdout and "started tiny_gqa" in result.stdout
     decoded = next((work / "exp/asr_tiny_gqa").glob("decode_*/test"))
     assert (decoded / "score_word/result.json").is_file()

@@ -95,7 +95,8 @@ inference_lm=valid.loss.ave.pth
 lm_weights=              # e.g. "0.1 0.3 0.5": each decodes --lm_tune_set, the best one the test sets
 lm_tune_set=             # the set the LM weight is chosen on (default: --valid_set)
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; echo; echo "Options (default):"; \
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; echo; \
+    echo "Options (default):"; \
     grep -E '^[a-z_]+=.*#' "$0" | sed 's/^/  --/; s/=/ (/; s/ *#/) #/'; }
 
 # ---- option parsing: --name value or --name=value for every variable declared above ----
@@ -346,7 +347,7 @@ elif runs 4; then
         require "$f" "stages 2-3"
     done
     mapfile -t inputs < <(file_opts "${train_dump}/"{wav.scp,text} "${valid_dump}/"{wav.scp,text} "${token_files[@]}")
-    inputs+=(--option "fs=${fs}" --config "${asr_config}:frontend,frontend_conf")
+    inputs+=(--option "fs=${fs}")  # the frontend is in the folder's name
     if needs_work "${asr_stats_dir}" "${inputs[@]}"; then
         rm -rf "${asr_stats_dir}"
         logdir=${asr_stats_dir}/logdir
@@ -585,7 +586,7 @@ if [ "${use_lm}" = true ] && runs 7; then
                 --output_dir "${dir}" > "${dir}.log" 2>&1 || die "perplexity failed: see ${dir}.log"
             stamp write --dir "${dir}" "${inputs[@]}"
         fi
-        [ -e "${dir}/ppl" ] && log "  ${dset}: perplexity $(cat "${dir}/ppl")"
+        if [ -e "${dir}/ppl" ]; then log "  ${dset}: perplexity $(cat "${dir}/ppl")"; fi
     done
 fi
 
@@ -651,7 +652,9 @@ score_set() {  # score_set <decode dir of a set> <set>: WER and CER (if not up t
             --hyp "${dir}/text" --unit "${unit}" --name "${dset}" --out_dir "${dir}/score_${unit}"
         stamp write --dir "${dir}/score_${unit}" "${inputs[@]}"
     done
-    [ -e "${dir}/score_word/result.txt" ] && log "  ${dset}: $(grep -h . "${dir}/score_word/result.txt" | tail -n 1)"
+    if [ -e "${dir}/score_word/result.txt" ]; then
+        log "  ${dset}: $(grep -h . "${dir}/score_word/result.txt" | tail -n 1)"
+    fi
 }
 
 if runs 8; then
