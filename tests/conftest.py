@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from espnet_plugin.nets import scan
+from espnet_plugin.nets import cpu_kernels, scan
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_ASR = REPO / "egs2" / "TEMPLATE" / "asr1" / "asr.sh"
@@ -63,4 +63,25 @@ def scan_path(request, monkeypatch):
     """Run a test through both of _scan's algorithms, whatever the tensor sizes."""
     threshold = 1 if request.param == "frame_by_frame" else 2**62
     monkeypatch.setattr(scan, "SEQUENTIAL_MIN_STATES", threshold)
+    return request.param
+
+
+@pytest.fixture
+def cpu_kernels_extension():
+    """The fused CPU kernels' extension; the test skips, with the reason, where it cannot be built."""
+    extension = cpu_kernels.extension()
+    if extension is None:
+        pytest.skip("the fused CPU kernels could not be built here (see the warning logged by "
+                    "espnet_plugin.nets.cpu_kernels)")
+    return extension
+
+
+@pytest.fixture(params=["cpu_kernels", "pytorch"])
+def cpu_path(request, monkeypatch):
+    """Run a test through the fused CPU kernels and through the PyTorch fallback, which runs
+    wherever the extension is unavailable (as if its build had failed)."""
+    if request.param == "cpu_kernels":
+        request.getfixturevalue("cpu_kernels_extension")
+    else:
+        monkeypatch.setattr(cpu_kernels, "extension", lambda: None)
     return request.param
