@@ -229,16 +229,17 @@ void conv_forward_kernel(const Conv<T>& conv, Series<T> out) {
 }
 
 // Two passes: the gradient of every pre-activation (and from it those of weight and bias, summed
-// per thread into grad_weight (threads, width, channels) and grad_bias (threads, channels)), then
-// that of each frame of x, which feeds the width outputs from its own on.
+// per thread into grad_weight (threads, width, channels) and grad_bias (threads, channels), in
+// double: they add up every frame of the batch), then that of each frame of x, which feeds the
+// width outputs from its own on.
 template <typename T>
 void conv_backward_kernel(const Conv<T>& conv, Series<const T> grad_out, Series<T> grad_x,
-                          T* grad_weight, T* grad_bias) {
+                          double* grad_weight, double* grad_bias) {
   const int64_t L = conv.length, K = conv.width, d = conv.channels;
   std::vector<T> grad_acc(conv.batch * L * d);
   for_each_span(conv.batch, L, [&](int64_t b, int64_t first, int64_t last) {
-    T* grad_w = grad_weight + at::get_thread_num() * K * d;
-    T* grad_b = grad_bias + at::get_thread_num() * d;
+    double* grad_w = grad_weight + at::get_thread_num() * K * d;
+    double* grad_b = grad_bias + at::get_thread_num() * d;
     std::vector<T> acc(d);
     for (int64_t step = first; step < last; ++step) {  // silu'(a) = s (1 + a (1 - s))
       conv.pre_activation(b, step, acc.data());
@@ -365,11 +366,12 @@ void scan_forward_block(const Scan<T>& scan, const Block<T, W>& block, Series<T>
 
 // Where scan_backward_block writes. grad_B and grad_C (threads, batch, length, states) are
 // summed over channels: each thread adds into its own slice. grad_A (batch, channels, states),
-// grad_D and grad_delta_bias (batch, channels) are summed over the batch afterwards.
+// grad_D and grad_delta_bias (batch, channels) sum every frame: in T over an interval, then in
+// double; they are summed over the batch afterwards.
 template <typename T>
 struct ScanGradients {
   Series<T> u, delta, z;
-  T *A, *D, *delta_bias;
+  double *A, *D, *delta_bias;
 };
 
 // Gradients of scan_forward_block's out for one block, from the last interval to the first:
@@ -381,8 +383,9 @@ void scan_backward_block(const Scan<T>& scan, const Block<T, W>& block, Series<c
                          T* grad_C) {
   const int64_t N = scan.states, L = scan.length;
   std::vector<T> dts(kInterval * W), decays(kInterval * N * W), states(kInterval * N * W);
-  std::vector<T> carry(N * W, T(0)), grad_A(N * W, T(0)), h(N * W), h_entering(N * W);
-  T grad_D[W] = {}, grad_bias[W] = {};
+  std::vector<T> carry(N * W, T(0)), grad_A(N * W), h(N * W), h_entering(N * W);
+  std::vector<double> total_A(N * W, 0.0), total_D(W, 0.0), total_bias(W, 0.0);
+  T grad_D[W], grad_bias[W];
   grad_B += block.b * L * N;
   grad_C += block.b * L * N;
   for (int64_t j = scan.intervals() - 1; j >= 0; --j) {
@@ -392,6 +395,9 @@ void scan_backward_block(const Scan<T>& scan, const Block<T, W>& block, Series<c
       std::copy_n(entering + n * scan.channels, W, &h_entering[n * W]);
     }
     h = h_entering;
+    std::fill(grad_A.begin(), grad_A.end(), T(0));
+    std::fill_n(grad_D, W, T(0));
+    std::fill_n(grad_bias, W, T(0));
     for (int64_t step = first; step < last; ++step) {
       const int64_t t = scan.order.frame(block.b, step);
       T* dt = &dts[(step - first) * W];
@@ -485,14 +491,18 @@ void scan_backward_block(const Scan<T>& scan, const Block<T, W>& block, Series<c
         std::copy_n(g_z, W, grad.z.at(block.b, block.c, t));
       }
     }
+    for (int64_t i = 0; i < N * W; ++i) total_A[i] += grad_A[i];
+    for (int w = 0; w < W; ++w) {
+      total_D[w] += grad_D[w];
+      total_bias[w] += grad_bias[w];
+    }
   }
   const int64_t row = block.b * scan.channels + block.c;
   for (int64_t n = 0; n < N; ++n) {
-#pragma omp simd
-    for (int w = 0; w < W; ++w) grad.A[(row + w) * N + n] = grad_A[n * W + w];
+    for (int w = 0; w < W; ++w) grad.A[(row + w) * N + n] = total_A[n * W + w];
   }
-  std::copy_n(grad_D, W, grad.D + row);
-  std::copy_n(grad_bias, W, grad.delta_bias + row);
+  std::copy_n(total_D.data(), W, grad.D + row);
+  std::copy_n(total_bias.data(), W, grad.delta_bias + row);
 }
 
 // ---- Tensors in and out -----------------------------------------------------------------------
@@ -580,14 +590,16 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x_, const at::Tensor& we
   const at::Tensor x = time_major(x_), grad_out = time_major(grad_out_);
   const int64_t threads = at::get_num_threads(), channels = x.size(1), width = weight.size(1);
   at::Tensor grad_x = empty_time_major(x);
-  at::Tensor grad_weight = at::zeros({threads, width, channels}, x.options());
-  at::Tensor grad_bias = at::zeros({threads, channels}, x.options());
+  const auto sums = x.options().dtype(at::kDouble);
+  at::Tensor grad_weight = at::zeros({threads, width, channels}, sums);
+  at::Tensor grad_bias = at::zeros({threads, channels}, sums);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mamba_cpu_conv_backward", [&] {
     conv_backward_kernel(make_conv<scalar_t>(x, weight, bias, reverse, lengths),
                          Series<const scalar_t>(grad_out), Series<scalar_t>(grad_x),
-                         grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>());
+                         grad_weight.data_ptr<double>(), grad_bias.data_ptr<double>());
   });
-  return {grad_x, grad_weight.sum(0).t(), bias.defined() ? grad_bias.sum(0) : at::Tensor()};
+  return {grad_x, grad_weight.sum(0).t().to(x.scalar_type()),
+          bias.defined() ? grad_bias.sum(0).to(x.scalar_type()) : at::Tensor()};
 }
 
 namespace {
@@ -675,9 +687,10 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u_, const at::Tensor& de
               "mamba_cpu: scan_backward needs the checkpoints of scan_forward(save_checkpoints)");
   at::Tensor grad_u = empty_time_major(u), grad_delta = empty_time_major(u);
   at::Tensor grad_z = z.defined() ? empty_time_major(u) : at::Tensor();
-  at::Tensor grad_A = at::empty({batch, channels, n}, u.options());
-  at::Tensor grad_D = at::empty({batch, channels}, u.options());
-  at::Tensor grad_bias = at::empty({batch, channels}, u.options());
+  const auto sums = u.options().dtype(at::kDouble);
+  at::Tensor grad_A = at::empty({batch, channels, n}, sums);
+  at::Tensor grad_D = at::empty({batch, channels}, sums);
+  at::Tensor grad_bias = at::empty({batch, channels}, sums);
   const int64_t threads = at::get_num_threads();
   at::Tensor grad_B = at::zeros({threads, batch, length, n}, u.options());
   at::Tensor grad_C = at::zeros({threads, batch, length, n}, u.options());
@@ -685,8 +698,8 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u_, const at::Tensor& de
     const auto scan = make_scan<scalar_t>(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                           time_order(reverse, lengths, batch, length));
     ScanGradients<scalar_t> grad{Series<scalar_t>(grad_u), Series<scalar_t>(grad_delta),
-                                 Series<scalar_t>(),       grad_A.data_ptr<scalar_t>(),
-                                 grad_D.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>()};
+                                 Series<scalar_t>(),       grad_A.data_ptr<double>(),
+                                 grad_D.data_ptr<double>(), grad_bias.data_ptr<double>()};
     if (z.defined()) grad.z = Series<scalar_t>(grad_z);
     const int64_t per_thread = batch * length * n;
     for_each_block(batch, channels, [&](int64_t b, int64_t c, auto lanes) {
@@ -701,12 +714,12 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u_, const at::Tensor& de
   const auto states_major = [](const at::Tensor& g) { return g.sum(0).transpose(1, 2); };
   return {grad_u,
           grad_delta,
-          grad_A.sum(0),
+          grad_A.sum(0).to(u.scalar_type()),
           states_major(grad_B),
           states_major(grad_C),
-          D.defined() ? grad_D.sum(0) : at::Tensor(),
+          D.defined() ? grad_D.sum(0).to(u.scalar_type()) : at::Tensor(),
           grad_z,
-          delta_bias.defined() ? grad_bias.sum(0) : at::Tensor()};
+          delta_bias.defined() ? grad_bias.sum(0).to(u.scalar_type()) : at::Tensor()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
