@@ -1,6 +1,7 @@
 """The fused CPU kernels (espnet_plugin/csrc/mamba_cpu.cpp) against float64 references: the
-selective scan and the causal convolution, forwards and backwards in time within lengths, every
-gradient, any input layout; and the PyTorch fallback where the extension cannot be built."""
+selective scan and Mamba's causal convolution, forwards and backwards in time within lengths, the
+convolution module's centred one, every gradient, any input layout; and the PyTorch fallback
+where the extension cannot be built."""
 
 import logging
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from selective_scan_reference import NAMES, make_inputs, outputs_and_grads, reference
 
 from espnet_plugin.nets import cpu_kernels, mamba
+from espnet_plugin.nets.blocks import ConvolutionModule
 from espnet_plugin.nets.mamba import reverse_within_lengths
 from espnet_plugin.nets.scan import selective_scan
 
@@ -129,6 +131,46 @@ def test_conv_backwards_in_time_is_the_conv_of_the_reversed_input(cpu_kernels_ex
                             lengths=lengths)
     want = outputs_and_grads(reversed_reference, inputs, weight)
     assert_all_close(got, want, inputs, 1e-12)
+
+
+@pytest.mark.parametrize("length", [1, 2, 16, 40])  # shorter and longer than the width
+@pytest.mark.parametrize("width", [3, 31])
+def test_centred_depthwise_conv_matches_pytorch_float64(cpu_kernels_extension, length, width):
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "x": torch.randn(2, 21, length, generator=g, dtype=torch.float64),
+        "weight": torch.randn(21, width, generator=g, dtype=torch.float64),
+        "bias": torch.randn(21, generator=g, dtype=torch.float64),
+    }
+    weight = torch.randn(2, 21, length, dtype=torch.float64)
+
+    def pytorch(x, weight, bias):
+        return F.conv1d(x, weight[:, None], bias, padding=width // 2, groups=x.shape[1])
+
+    def fused(x, weight, bias):
+        return cpu_kernels.depthwise_conv1d(x, weight, bias, padding=width // 2)
+
+    got = outputs_and_grads(fused, inputs, weight)
+    assert_all_close(got, outputs_and_grads(pytorch, inputs, weight), inputs, 1e-12)
+
+
+def test_convolution_module_equals_its_pytorch_path(cpu_kernels_extension, monkeypatch):
+    """The Conformer convolution module with the fused depthwise convolution, padding included."""
+    torch.manual_seed(0)
+    module = ConvolutionModule(16, kernel_size=5).double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    mask = torch.arange(23)[None] < torch.tensor([23, 11])[:, None]
+    weight = torch.randn(2, 23, 16, dtype=torch.float64)
+    results = []
+    for extension in (cpu_kernels_extension, None):
+        monkeypatch.setattr(cpu_kernels, "extension", lambda extension=extension: extension)
+        module.zero_grad()
+        got = outputs_and_grads(lambda x: module(x, mask), {"x": x}, weight)
+        results.append((got, {n: p.grad for n, p in module.named_parameters()}))
+    (got, grads), (want, grads_ref) = results
+    assert_all_close(got, want, ["x"], 1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
 @pytest.fixture

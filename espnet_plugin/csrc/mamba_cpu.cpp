@@ -1,5 +1,6 @@
 // Mamba's two sequence operations as fused CPU kernels: the causal depthwise convolution with its
-// SiLU, and the selective scan with its discretisation, skip connection and gate.
+// SiLU, and the selective scan with its discretisation, skip connection and gate; the depthwise
+// convolution also serves the Conformer convolution module, where PyTorch's runs at 1 GFLOP/s.
 //
 // The PyTorch selective scan materialises the decays exp(dt A) and drives dt u B of every state,
 // tensors of (batch, length, channels, states), and reads them back several times: it is
@@ -169,8 +170,9 @@ std::vector<T> lanes(const T* parameter, int64_t c, int64_t k) {
   return out;
 }
 
-// ---- Causal depthwise convolution + SiLU ----------------------------------------------------
+// ---- Depthwise convolution (+ SiLU) -----------------------------------------------------------
 
+// Mamba's causal convolution with its SiLU, and the Conformer convolution module's centred one.
 // Frames do not depend on each other here, so threads split time, and the channels of a frame,
 // contiguous in time-major tensors, are the vector lanes.
 
@@ -188,14 +190,16 @@ void for_each_span(int64_t batch, int64_t length, const F& fn) {
   });
 }
 
-// out_t = silu(bias + sum_k weight_k x_{t - width + 1 + k}), x zero before the first frame (in
-// visiting order). x is time-major: its channels are contiguous.
+// out_t = act(bias + sum_k weight_k x_{t - padding + k}), x zero outside the utterance's frames
+// (counted in visiting order), act = SiLU or the identity. x is time-major: its channels are
+// contiguous. padding = width - 1 is causal, width / 2 centred.
 template <typename T>
 struct Conv {
   Series<const T> x;
   std::vector<T> weight;  // (width, channels): tap-major, for vector access
   std::vector<T> bias;    // (channels,), zeros without a bias
-  int64_t batch, channels, length, width;
+  int64_t batch, channels, length, width, padding;
+  bool silu;
   TimeOrder order;
   ExpRange exp_range;
 
@@ -203,11 +207,17 @@ struct Conv {
     return x.at(b, 0, order.frame(b, step));
   }
 
+  // The taps k of output `step` that read a frame: those with 0 <= step - padding + k < length.
+  int64_t first_tap(int64_t step) const { return std::max<int64_t>(0, padding - step); }
+  int64_t end_tap(int64_t step) const {
+    return std::min<int64_t>(width, length + padding - step);
+  }
+
   // The pre-activation of all channels of utterance b at `step`.
   void pre_activation(int64_t b, int64_t step, T* acc) const {
     std::copy(bias.begin(), bias.end(), acc);
-    for (int64_t k = std::max<int64_t>(0, width - 1 - step); k < width; ++k) {
-      const T* in = frame(b, step - width + 1 + k);
+    for (int64_t k = first_tap(step); k < end_tap(step); ++k) {
+      const T* in = frame(b, step - padding + k);
       const T* weight_k = &weight[k * channels];
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) acc[c] += weight_k[c] * in[c];
@@ -222,8 +232,14 @@ void conv_forward_kernel(const Conv<T>& conv, Series<T> out) {
     for (int64_t step = first; step < last; ++step) {
       conv.pre_activation(b, step, acc.data());
       T* y = out.at(b, 0, conv.order.frame(b, step));
+      if (conv.silu) {
 #pragma omp simd
-      for (int64_t c = 0; c < conv.channels; ++c) y[c] = acc[c] * sigmoid(acc[c], conv.exp_range);
+        for (int64_t c = 0; c < conv.channels; ++c) {
+          y[c] = acc[c] * sigmoid(acc[c], conv.exp_range);
+        }
+      } else {
+        std::copy(acc.begin(), acc.end(), y);
+      }
     }
   });
 }
@@ -231,7 +247,7 @@ void conv_forward_kernel(const Conv<T>& conv, Series<T> out) {
 // Two passes: the gradient of every pre-activation (and from it those of weight and bias, summed
 // per thread into grad_weight (threads, width, channels) and grad_bias (threads, channels), in
 // double: they add up every frame of the batch), then that of each frame of x, which feeds the
-// width outputs from its own on.
+// outputs whose taps reach it.
 template <typename T>
 void conv_backward_kernel(const Conv<T>& conv, Series<const T> grad_out, Series<T> grad_x,
                           double* grad_weight, double* grad_bias) {
@@ -241,29 +257,36 @@ void conv_backward_kernel(const Conv<T>& conv, Series<const T> grad_out, Series<
     double* grad_w = grad_weight + at::get_thread_num() * K * d;
     double* grad_b = grad_bias + at::get_thread_num() * d;
     std::vector<T> acc(d);
-    for (int64_t step = first; step < last; ++step) {  // silu'(a) = s (1 + a (1 - s))
-      conv.pre_activation(b, step, acc.data());
+    for (int64_t step = first; step < last; ++step) {
       const T* g_out = grad_out.at(b, 0, conv.order.frame(b, step));
       T* g = &grad_acc[(b * L + step) * d];
+      if (conv.silu) {  // silu'(a) = s (1 + a (1 - s))
+        conv.pre_activation(b, step, acc.data());
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) {
-        const T s = sigmoid(acc[c], conv.exp_range);
-        g[c] = g_out[c] * s * (T(1) + acc[c] * (T(1) - s));
-        grad_b[c] += g[c];
+        for (int64_t c = 0; c < d; ++c) {
+          const T s = sigmoid(acc[c], conv.exp_range);
+          g[c] = g_out[c] * s * (T(1) + acc[c] * (T(1) - s));
+        }
+      } else {
+        std::copy_n(g_out, d, g);
       }
-      for (int64_t k = std::max<int64_t>(0, K - 1 - step); k < K; ++k) {
-        const T* in = conv.frame(b, step - K + 1 + k);
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) grad_b[c] += g[c];
+      for (int64_t k = conv.first_tap(step); k < conv.end_tap(step); ++k) {
+        const T* in = conv.frame(b, step - conv.padding + k);
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) grad_w[k * d + c] += g[c] * in[c];
       }
     }
   });
   for_each_span(conv.batch, L, [&](int64_t b, int64_t first, int64_t last) {
-    for (int64_t step = first; step < last; ++step) {
+    for (int64_t step = first; step < last; ++step) {  // outputs step + padding - k read `step`
       T* g_x = grad_x.at(b, 0, conv.order.frame(b, step));
       std::fill_n(g_x, d, T(0));
-      for (int64_t k = std::max<int64_t>(0, step + K - L); k < K; ++k) {
-        const T* g = &grad_acc[(b * L + step + K - 1 - k) * d];
+      const int64_t first_k = std::max<int64_t>(0, step + conv.padding - L + 1);
+      const int64_t end_k = std::min<int64_t>(K, step + conv.padding + 1);
+      for (int64_t k = first_k; k < end_k; ++k) {
+        const T* g = &grad_acc[(b * L + step + conv.padding - k) * d];
         const T* weight_k = &conv.weight[k * d];
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) g_x[c] += weight_k[c] * g[c];
@@ -549,32 +572,36 @@ at::Tensor time_major(const at::Tensor& x) {
 
 template <typename T>
 Conv<T> make_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                  bool reverse, const at::Tensor& lengths) {
+                  int64_t padding, bool silu, bool reverse, const at::Tensor& lengths) {
   const int64_t batch = x.size(0), channels = x.size(1), length = x.size(2);
   const at::Tensor weight_t = weight.t().contiguous();
   const at::Tensor bias_ = bias.defined() ? bias : at::zeros({channels}, x.options());
   return Conv<T>{Series<const T>(x),
                  std::vector<T>(weight_t.data_ptr<T>(), weight_t.data_ptr<T>() + weight.numel()),
                  std::vector<T>(bias_.data_ptr<T>(), bias_.data_ptr<T>() + channels),
-                 batch, channels, length, weight.size(1),
+                 batch, channels, length, weight.size(1), padding, silu,
                  time_order(reverse, lengths, batch, length), ExpRange()};
 }
 
 }  // namespace
 
-// silu(causal depthwise conv1d(x)) as mamba_simple.py computes it: x (b, d, l), weight (d, width),
-// bias (d,). The output is stored time-major.
+// Depthwise conv1d of x (b, d, l) with weight (d, width), bias (d,), `padding` zero frames before
+// the first and width - 1 - padding after the last, l outputs, then SiLU if `silu`:
+// mamba_simple.py's silu(conv1d(x)[..., :l]) with padding = width - 1, a Conformer convolution
+// module's with padding = width / 2. The output is stored time-major.
 at::Tensor conv_forward(const at::Tensor& x_, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias_, bool reverse,
-                        const std::optional<at::Tensor>& lengths_) {
+                        const std::optional<at::Tensor>& bias_, int64_t padding, bool silu,
+                        bool reverse, const std::optional<at::Tensor>& lengths_) {
   const at::Tensor bias = value_or_undefined(bias_), lengths = value_or_undefined(lengths_);
   TORCH_CHECK(x_.dim() == 3 && x_.device().is_cpu(), "mamba_cpu: x must be (b, d, l) on the CPU");
   check_parameter(weight, "weight", {x_.size(1), weight.size(-1)}, x_);
   check_parameter(bias, "bias", {x_.size(1)}, x_);
+  TORCH_CHECK(0 <= padding && padding < weight.size(1),
+              "mamba_cpu: padding must lie in [0, width), got ", padding);
   const at::Tensor x = time_major(x_);
   at::Tensor out = empty_time_major(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mamba_cpu_conv_forward", [&] {
-    conv_forward_kernel(make_conv<scalar_t>(x, weight, bias, reverse, lengths),
+    conv_forward_kernel(make_conv<scalar_t>(x, weight, bias, padding, silu, reverse, lengths),
                         Series<scalar_t>(out));
   });
   return out;
@@ -582,7 +609,8 @@ at::Tensor conv_forward(const at::Tensor& x_, const at::Tensor& weight,
 
 // Gradients of conv_forward's output w.r.t. x, weight and bias (undefined without a bias).
 std::vector<at::Tensor> conv_backward(const at::Tensor& x_, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias_, bool reverse,
+                                      const std::optional<at::Tensor>& bias_, int64_t padding,
+                                      bool silu, bool reverse,
                                       const std::optional<at::Tensor>& lengths_,
                                       const at::Tensor& grad_out_) {
   const at::Tensor bias = value_or_undefined(bias_), lengths = value_or_undefined(lengths_);
@@ -594,7 +622,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x_, const at::Tensor& we
   at::Tensor grad_weight = at::zeros({threads, width, channels}, sums);
   at::Tensor grad_bias = at::zeros({threads, channels}, sums);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mamba_cpu_conv_backward", [&] {
-    conv_backward_kernel(make_conv<scalar_t>(x, weight, bias, reverse, lengths),
+    conv_backward_kernel(make_conv<scalar_t>(x, weight, bias, padding, silu, reverse, lengths),
                          Series<const scalar_t>(grad_out), Series<scalar_t>(grad_x),
                          grad_weight.data_ptr<double>(), grad_bias.data_ptr<double>());
   });
@@ -723,7 +751,7 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u_, const at::Tensor& de
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("conv_forward", &conv_forward, "silu(causal depthwise conv1d)");
+  m.def("conv_forward", &conv_forward, "depthwise conv1d, then SiLU if asked");
   m.def("conv_backward", &conv_backward, "gradients of conv_forward's output");
   m.def("scan_forward", &scan_forward, "selective scan: output, checkpoints for backward");
   m.def("scan_backward", &scan_backward, "gradients of scan_forward's output");

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from espnet_plugin.compat import PositionwiseFeedForward
+from espnet_plugin.nets import cpu_kernels
 
 
 def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -36,8 +37,16 @@ class ConvolutionModule(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = nn.functional.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)
         x = x.masked_fill(~mask.unsqueeze(1), 0.0)
-        x = nn.functional.silu(self.norm(self.depthwise_conv(x)))
+        x = nn.functional.silu(self.norm(self.depthwise(x)))
         return self.pointwise_conv2(x).transpose(1, 2)
+
+    def depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """The depthwise convolution; on CPUs the fused kernel where it is built (PyTorch's runs at
+        about 1 GFLOP/s there: 1.3 ms of a 1.6 ms module on 10 s of speech)."""
+        if x.device.type != "cpu" or cpu_kernels.extension() is None:
+            return self.depthwise_conv(x)
+        conv = self.depthwise_conv
+        return cpu_kernels.depthwise_conv1d(x, conv.weight[:, 0], conv.bias, conv.padding[0])
 
 
 class ConvolutionalGatingMLP(nn.Module):

@@ -100,21 +100,27 @@ def _lengths(lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if lengths is None else lengths.to("cpu", torch.long).contiguous()
 
 
-class _CausalConv(torch.autograd.Function):
+class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, reverse, lengths):
-        ctx.reverse = reverse
+    def forward(ctx, x, weight, bias, padding, silu, reverse, lengths):
+        ctx.options = (padding, silu, reverse)
         ctx.save_for_backward(x, weight, bias, lengths)
-        return extension().conv_forward(x, weight, bias, reverse, lengths)
+        return extension().conv_forward(x, weight, bias, padding, silu, reverse, lengths)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight, bias, lengths = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = extension().conv_backward(
-            x, weight, bias, ctx.reverse, lengths, grad_out
+            x, weight, bias, *ctx.options, lengths, grad_out
         )
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _depthwise_conv(x, weight, bias, padding, silu, reverse=False, lengths=None):
+    return _DepthwiseConv.apply(x, weight.contiguous(),
+                                None if bias is None else bias.contiguous(), padding, silu,
+                                reverse, _lengths(lengths))
 
 
 def causal_conv1d(x, weight, bias=None, reverse=False, lengths=None):
@@ -125,8 +131,13 @@ def causal_conv1d(x, weight, bias=None, reverse=False, lengths=None):
     frames in the order of :func:`espnet_plugin.nets.mamba.reverse_within_lengths`, and writes
     each output at its frame; the same as reversing x, convolving and reversing the output back.
     """
-    return _CausalConv.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                             reverse, _lengths(lengths))
+    return _depthwise_conv(x, weight, bias, weight.shape[1] - 1, True, reverse, lengths)
+
+
+def depthwise_conv1d(x, weight, bias=None, padding=0):
+    """``F.conv1d(x, weight[:, None], bias, padding=padding, groups=d)`` where that keeps the
+    length l (2 padding = width - 1: a Conformer convolution module's), output stored time-major."""
+    return _depthwise_conv(x, weight, bias, padding, False)
 
 
 class _SelectiveScan(torch.autograd.Function):
