@@ -245,19 +245,23 @@ void conv_forward_kernel(const Conv<T>& conv, Series<T> out) {
 }
 
 // Two passes: the gradient of every pre-activation (and from it those of weight and bias, summed
-// per thread into grad_weight (threads, width, channels) and grad_bias (threads, channels), in
-// double: they add up every frame of the batch), then that of each frame of x, which feeds the
-// outputs whose taps reach it.
+// per thread into grad_weight (threads, width, channels) and grad_bias (threads, channels): in T
+// over kInterval frames, then in double, as they add up every frame of the batch), then that of
+// each frame of x, which feeds the outputs whose taps reach it.
 template <typename T>
 void conv_backward_kernel(const Conv<T>& conv, Series<const T> grad_out, Series<T> grad_x,
                           double* grad_weight, double* grad_bias) {
   const int64_t L = conv.length, K = conv.width, d = conv.channels;
   std::vector<T> grad_acc(conv.batch * L * d);
   for_each_span(conv.batch, L, [&](int64_t b, int64_t first, int64_t last) {
-    double* grad_w = grad_weight + at::get_thread_num() * K * d;
-    double* grad_b = grad_bias + at::get_thread_num() * d;
-    std::vector<T> acc(d);
+    double* total_w = grad_weight + at::get_thread_num() * K * d;
+    double* total_b = grad_bias + at::get_thread_num() * d;
+    std::vector<T> acc(d), grad_w(K * d), grad_b(d);
     for (int64_t step = first; step < last; ++step) {
+      if ((step - first) % kInterval == 0) {
+        std::fill(grad_w.begin(), grad_w.end(), T(0));
+        std::fill(grad_b.begin(), grad_b.end(), T(0));
+      }
       const T* g_out = grad_out.at(b, 0, conv.order.frame(b, step));
       T* g = &grad_acc[(b * L + step) * d];
       if (conv.silu) {  // silu'(a) = s (1 + a (1 - s))
@@ -276,6 +280,10 @@ void conv_backward_kernel(const Conv<T>& conv, Series<const T> grad_out, Series<
         const T* in = conv.frame(b, step - conv.padding + k);
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) grad_w[k * d + c] += g[c] * in[c];
+      }
+      if ((step - first) % kInterval == kInterval - 1 || step == last - 1) {
+        for (int64_t i = 0; i < K * d; ++i) total_w[i] += grad_w[i];
+        for (int64_t c = 0; c < d; ++c) total_b[c] += grad_b[c];
       }
     }
   });
