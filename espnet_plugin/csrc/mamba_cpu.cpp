@@ -558,10 +558,10 @@ TimeOrder time_order(bool reverse, const at::Tensor& lengths, int64_t batch, int
   return order;
 }
 
-void check_series(const at::Tensor& x, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(x.device().is_cpu() && x.sizes() == like.sizes() &&
-                  x.scalar_type() == like.scalar_type(),
-              "mamba_cpu: ", name, " must be a CPU tensor of shape ", like.sizes(), " and dtype ",
+void check_series(const at::Tensor& x, const char* name, at::IntArrayRef shape,
+                  const at::Tensor& like) {
+  TORCH_CHECK(x.device().is_cpu() && x.sizes() == shape && x.scalar_type() == like.scalar_type(),
+              "mamba_cpu: ", name, " must be a CPU tensor of shape ", shape, " and dtype ",
               like.scalar_type(), ", got ", x.sizes(), " ", x.scalar_type());
 }
 
@@ -622,7 +622,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x_, const at::Tensor& we
                                       const std::optional<at::Tensor>& lengths_,
                                       const at::Tensor& grad_out_) {
   const at::Tensor bias = value_or_undefined(bias_), lengths = value_or_undefined(lengths_);
-  check_series(grad_out_, "grad_out", x_);
+  check_series(grad_out_, "grad_out", x_.sizes(), x_);
   const at::Tensor x = time_major(x_), grad_out = time_major(grad_out_);
   const int64_t threads = at::get_num_threads(), channels = x.size(1), width = weight.size(1);
   at::Tensor grad_x = empty_time_major(x);
@@ -658,12 +658,12 @@ void check_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
                 const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
                 const at::Tensor& z, const at::Tensor& delta_bias) {
   TORCH_CHECK(u.dim() == 3 && u.device().is_cpu(), "mamba_cpu: u must be (b, d, l) on the CPU");
-  check_series(delta, "delta", u);
-  if (z.defined()) check_series(z, "z", u);
+  check_series(delta, "delta", u.sizes(), u);
+  if (z.defined()) check_series(z, "z", u.sizes(), u);
   check_parameter(A, "A", {u.size(1), A.size(-1)}, u);
-  const at::Tensor bc = at::empty({u.size(0), A.size(1), u.size(2)}, u.options());
-  check_series(B, "B", bc);
-  check_series(C, "C", bc);
+  const std::vector<int64_t> bc{u.size(0), A.size(1), u.size(2)};
+  check_series(B, "B", bc, u);
+  check_series(C, "C", bc, u);
   check_parameter(D, "D", {u.size(1)}, u);
   check_parameter(delta_bias, "delta_bias", {u.size(1)}, u);
 }
@@ -715,7 +715,7 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u_, const at::Tensor& de
   const at::Tensor D = value_or_undefined(D_), delta_bias = value_or_undefined(delta_bias_);
   const at::Tensor lengths = value_or_undefined(lengths_);
   check_scan(u_, delta_, A, B, C, D, value_or_undefined(z_), delta_bias);
-  check_series(grad_out_, "grad_out", u_);
+  check_series(grad_out_, "grad_out", u_.sizes(), u_);
   const at::Tensor u = time_major(u_), delta = time_major(delta_), grad_out = time_major(grad_out_);
   const at::Tensor z = z_ ? time_major(*z_) : at::Tensor();
   const int64_t batch = u.size(0), channels = u.size(1), length = u.size(2), n = A.size(1);

@@ -100,6 +100,11 @@ def _lengths(lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if lengths is None else lengths.to("cpu", torch.long).contiguous()
 
 
+def _needs_gradient(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd must record the call; decoding skips the Function (20 us a call)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding, silu, reverse, lengths):
@@ -118,9 +123,11 @@ class _DepthwiseConv(torch.autograd.Function):
 
 
 def _depthwise_conv(x, weight, bias, padding, silu, reverse=False, lengths=None):
-    return _DepthwiseConv.apply(x, weight.contiguous(),
-                                None if bias is None else bias.contiguous(), padding, silu,
-                                reverse, _lengths(lengths))
+    inputs = (x, weight.contiguous(), None if bias is None else bias.contiguous())
+    options = (padding, silu, reverse, _lengths(lengths))
+    if _needs_gradient(*inputs):
+        return _DepthwiseConv.apply(*inputs, *options)
+    return extension().conv_forward(*inputs, *options)
 
 
 def causal_conv1d(x, weight, bias=None, reverse=False, lengths=None):
@@ -146,8 +153,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, lengths):
         out, checkpoints = extension().scan_forward(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, lengths,
-            any(ctx.needs_input_grad),
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, lengths, True
         )
         ctx.options = (delta_softplus, reverse)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, lengths, checkpoints)
@@ -174,11 +180,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     def cast(x: Optional[torch.Tensor], contiguous: bool = False) -> Optional[torch.Tensor]:
         if x is None:
             return None
-        x = x.to(dtype)
+        x = x if x.dtype == dtype else x.to(dtype)
         return x.contiguous() if contiguous else x
 
-    out = _SelectiveScan.apply(
-        cast(u), cast(delta), cast(A, True), cast(B), cast(C), cast(D, True), cast(z),
-        cast(delta_bias, True), delta_softplus, reverse, _lengths(lengths),
-    )
-    return out.to(u.dtype)
+    inputs = (cast(u), cast(delta), cast(A, True), cast(B), cast(C), cast(D, True), cast(z),
+              cast(delta_bias, True))
+    options = (delta_softplus, reverse, _lengths(lengths))
+    if _needs_gradient(*inputs):
+        out = _SelectiveScan.apply(*inputs, *options)
+    else:
+        out = extension().scan_forward(*inputs, *options, False)[0]
+    return out if out.dtype == u.dtype else out.to(u.dtype)
