@@ -1,4 +1,5 @@
-"""Mamba's causal convolution and selective scan as fused C++ kernels for CPUs.
+"""Mamba's causal convolution and selective scan as fused C++ kernels for CPUs (and the depthwise
+convolution of the Conformer convolution module, which PyTorch runs at about 1 GFLOP/s there).
 
 The PyTorch selective scan (:mod:`espnet_plugin.nets.scan`) materialises decays and drives of
 every state and is memory-bound; ``espnet_plugin/csrc/mamba_cpu.cpp`` makes them in registers
