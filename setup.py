@@ -7,6 +7,8 @@ setup(
     version="0.1.0",
     description="ConMamba, H-Net dynamic chunking and KV-efficient attention for ESPnet2 ASR",
     packages=find_packages(include=["espnet_plugin", "espnet_plugin.*"]),
+    # The fused CPU kernels' source, compiled on the user's machine (espnet_plugin.nets.cpu_kernels).
+    package_data={"espnet_plugin": ["csrc/*.cpp"]},
     python_requires=">=3.11",
     install_requires=[
         # espnet 202511 is the newest for Python 3.11; it pins setuptools<74, which keeps
@@ -24,9 +26,12 @@ setup(
         "matplotlib",
         "soundfile",
         "tensorboard",  # ESPnet's trainer logs to it by default
+        "ninja",  # torch.utils.cpp_extension builds the fused CPU kernels with it
     ],
     extras_require={
         "test": ["pytest"],
+        # benchmark_scan's comparison with mambapy's pure-PyTorch Mamba; never imported otherwise.
+        "benchmark": ["mambapy"],
         # The fused Mamba kernels only build against a CUDA torch.
         "cuda": ["mamba-ssm", "causal-conv1d"],
     },

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from espnet_plugin.nets import scan
+from espnet_plugin.nets import cpu_kernels, scan
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_ASR = REPO / "egs2" / "TEMPLATE" / "asr1" / "asr.sh"
@@ -115,3 +115,27 @@ def recipe(tmp_path_factory, pytestconfig) -> Path:
     run_recipe(work, "--asr_config", TINY, "--local_data_opts", f"--download_dir {downloads}",
                "--test_sets", "test", "--inference_args", FAST_DECODING)
     return work
+
+
+@pytest.fixture
+def cpu_kernels_extension():
+    """The fused CPU kernels' extension; the test skips, with the reason, where it cannot be built."""
+    extension = cpu_kernels.extension()
+    if extension is None and os.environ.get("ESPNET_PLUGIN_CPU_KERNELS") == "required":
+        pytest.fail("the fused CPU kernels could not be built, and ESPNET_PLUGIN_CPU_KERNELS="
+                    "required (CI) says they must be")
+    if extension is None:
+        pytest.skip("the fused CPU kernels could not be built here (see the warning logged by "
+                    "espnet_plugin.nets.cpu_kernels)")
+    return extension
+
+
+@pytest.fixture(params=["cpu_kernels", "pytorch"])
+def cpu_path(request, monkeypatch):
+    """Run a test through the fused CPU kernels and through the PyTorch fallback, which runs
+    wherever the extension is unavailable (as if its build had failed)."""
+    if request.param == "cpu_kernels":
+        request.getfixturevalue("cpu_kernels_extension")
+    else:
+        monkeypatch.setattr(cpu_kernels, "extension", lambda: None)
+    return request.param

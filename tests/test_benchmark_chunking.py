@@ -114,6 +114,13 @@ def test_trained_model_and_baseline_report_consistent_times_and_compression(tmp_
     for u, r in zip(report["utterances"], run["utterances"]):
         assert u["steps"] == max(1, round(u["seconds"] * 2))
         assert r["tokens"] == {name: u["steps"] for name in names}
+    parts = ("subsampling", "before_router", "router_and_rest", "after_router")
+    for name in ("chunked", "bypassed"):
+        for part in parts:
+            total = sum(r["encoder_parts_ms"][name][part] for r in run["utterances"])
+            assert math.isclose(run["totals"]["encoder_parts_ms"][name][part], total)
+        for r in run["utterances"]:  # the hooked parts take time; the rest is what remains
+            assert all(r["encoder_parts_ms"][name][part] > 0 for part in parts if part != "router_and_rest")
 
 
 def test_random_weights_from_a_training_config(tmp_path, wav_scp):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from espnet2.torch_utils.initialize import initialize
 
+from espnet_plugin.nets import cpu_kernels
 from espnet_plugin.nets import mamba as mamba_module
 from espnet_plugin.nets.mamba import BiMamba, Mamba
 
@@ -163,7 +164,7 @@ def random_mixer(mode, dtype=torch.float64, seed=0, **options):
 
 
 @pytest.mark.parametrize("mode", ["none", "shared", "concat"])
-def test_matches_recurrent_definition_float64(mode):
+def test_matches_recurrent_definition_float64(mode, cpu_path):
     m = random_mixer(mode, bias=True)
     x = torch.randn(2, 29, D_MODEL, dtype=torch.float64)
 
@@ -186,7 +187,7 @@ def test_matches_recurrent_definition_float64(mode):
 
 
 @pytest.mark.parametrize("mode", ["none", "shared", "concat"])
-def test_padding_never_leaks(mode):
+def test_padding_never_leaks(mode, cpu_path):
     """Each utterance alone == the same utterance inside a batch padded with large garbage."""
     m = random_mixer(mode, dtype=torch.float32)
     lengths = torch.tensor([23, 9, 16])
@@ -201,7 +202,7 @@ def test_padding_never_leaks(mode):
 
 
 @pytest.mark.parametrize("mode", ["none", "shared", "concat"])
-def test_which_frames_see_the_future(mode):
+def test_which_frames_see_the_future(mode, cpu_path):
     m = random_mixer(mode)
     x = torch.randn(1, 20, D_MODEL, dtype=torch.float64)
     x2 = x.clone()
@@ -216,7 +217,7 @@ def test_which_frames_see_the_future(mode):
     assert change[12:].min() > 1e-6
 
 
-def test_gradients_flow_to_every_parameter():
+def test_gradients_flow_to_every_parameter(cpu_path):
     m = random_mixer("shared", dtype=torch.float32)
     mask = torch.arange(11)[None, :] < torch.tensor([11, 6])[:, None]
     m(torch.randn(2, 11, D_MODEL), mask).square().mean().backward()
@@ -233,14 +234,39 @@ def test_bad_options_are_rejected_by_name():
         Mamba(D_MODEL, dt_rank=0)
 
 
-def test_path_is_logged_once(caplog):
+def test_path_is_logged_once(caplog, cpu_path):
     mamba_module._announce_path.cache_clear()
     m = Mamba(D_MODEL)
     with caplog.at_level(logging.INFO, logger=mamba_module.__name__):
         m(torch.randn(1, 5, D_MODEL))
         m(torch.randn(1, 5, D_MODEL))
     messages = [r.getMessage() for r in caplog.records if "Mamba on" in r.getMessage()]
-    assert messages == ["Mamba on cpu: using the PyTorch selective scan"]
+    path = "fused C++ CPU kernels" if cpu_path == "cpu_kernels" else "PyTorch selective scan"
+    assert messages == [f"Mamba on cpu: using the {path}"]
+
+
+@pytest.mark.parametrize("lengths", [[1], [29, 1, 14]], ids=["one_frame", "padded_batch"])
+def test_cpu_kernels_equal_the_pytorch_path_on_every_frame(cpu_kernels_extension, monkeypatch,
+                                                           lengths):
+    """The kernels walk the backward direction in place of reverse_within_lengths' copies: same
+    outputs, padding included, and the same gradients for the input and every parameter."""
+    m = random_mixer("shared")
+    lengths = torch.tensor(lengths)
+    x = torch.randn(len(lengths), int(lengths.max()), D_MODEL, dtype=torch.float64)
+    mask = torch.arange(x.shape[1])[None] < lengths[:, None]
+    results = []
+    for extension in (cpu_kernels_extension, None):
+        monkeypatch.setattr(cpu_kernels, "extension", lambda extension=extension: extension)
+        m.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = m(x_, mask)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results.append((y.detach(), x_.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (y, grad_x, grads), (y_ref, grad_x_ref, grads_ref) = results
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_x, grad_x_ref, rtol=1e-10, atol=1e-10)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_cuda_kernels_match_pytorch_path():

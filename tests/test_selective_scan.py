@@ -1,61 +1,19 @@
-"""selective_scan against the per-step float64 definition of mamba_ssm's selective_scan_ref."""
+"""The PyTorch selective scan against the per-step float64 definition of mamba_ssm's
+selective_scan_ref, and which implementation ``selective_scan`` runs."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from selective_scan_reference import (
+    NAMES,
+    make_inputs,
+    mamba_like_inputs,
+    outputs_and_grads,
+    reference,
+    relative_error,
+)
 
-from espnet_plugin.nets import scan
-from espnet_plugin.nets.scan import selective_scan
-
-
-def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """x_t = exp(dt_t A) x_{t-1} + dt_t B_t u_t,  y_t = C_t x_t + D u_t,  out = y * silu(z)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    x = u.new_zeros(u.shape[0], *A.shape)  # (b, d, n)
-    ys = []
-    for t in range(u.shape[2]):
-        dt = delta[:, :, t, None]  # (b, d, 1)
-        x = torch.exp(dt * A) * x + dt * B[:, None, :, t] * u[:, :, t, None]
-        ys.append((x * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=2)
-    if D is not None:
-        y = y + D[:, None] * u
-    return y if z is None else y * F.silu(z)
-
-
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def make_inputs(b, d, n, length, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-    return {
-        "u": randn(b, d, length),
-        "delta": randn(b, d, length) - 1.0,
-        "A": -torch.rand(d, n, generator=g, dtype=torch.float64).to(dtype) * 4 - 0.1,
-        "B": randn(b, n, length),
-        "C": randn(b, n, length),
-        "D": randn(d),
-        "z": randn(b, d, length),
-        "delta_bias": randn(d) * 0.5,
-    }
-
-
-def outputs_and_grads(fn, inputs, weight, **options):
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    out = fn(**leaves, **options)
-    (out * weight).sum().backward()
-    return out.detach(), {k: v.grad for k, v in leaves.items()}
-
-
-def relative_error(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
+from espnet_plugin.nets import cpu_kernels, scan
+from espnet_plugin.nets.scan import pytorch_selective_scan, selective_scan
 
 
 @pytest.fixture(params=[2**30, 3 * 6 * 4 * 5], ids=["one_block", "blocks_of_5"])
@@ -75,7 +33,7 @@ def test_matches_reference_float64(block_states, scan_path, length, options):
         inputs["delta"] = inputs["delta"].abs()
         kwargs = {}
     weight = torch.randn(3, 6, length, dtype=torch.float64)
-    out, grads = outputs_and_grads(selective_scan, inputs, weight, **kwargs)
+    out, grads = outputs_and_grads(pytorch_selective_scan, inputs, weight, **kwargs)
     ref_out, ref_grads = outputs_and_grads(reference, inputs, weight, **kwargs)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for name in inputs:
@@ -87,18 +45,14 @@ def test_gradcheck(block_states, scan_path):
     leaves = [inputs[k].requires_grad_() for k in NAMES]
 
     def fn(*args):
-        return selective_scan(*args, delta_softplus=True)
+        return pytorch_selective_scan(*args, delta_softplus=True)
 
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_float32_long_sequence_matches_float64_reference():
+def test_float32_long_sequence_matches_float64_reference(cpu_path):
     """Mamba-like magnitudes (dt ~ 0.001-0.1, A = -(1..n)) over 2003 frames, in float32."""
-    inputs = make_inputs(2, 8, 4, 2003, seed=2)
-    inputs["A"] = -torch.arange(1, 5, dtype=torch.float64).repeat(8, 1)
-    dt_bias = torch.linspace(0.001, 0.1, 8, dtype=torch.float64)
-    inputs["delta_bias"] = torch.log(torch.expm1(dt_bias))  # softplus(delta_bias) = dt_bias
-    inputs["delta"] = inputs["delta"] * 0.1
+    inputs = mamba_like_inputs(2, 8, 4, 2003, seed=2)
     weight = torch.randn(2, 8, 2003, dtype=torch.float64)
     inputs32 = {k: v.float() for k, v in inputs.items()}
     out, grads = outputs_and_grads(selective_scan, inputs32, weight.float(), delta_softplus=True)
@@ -109,7 +63,7 @@ def test_float32_long_sequence_matches_float64_reference():
         assert relative_error(grads[name], ref_grads[name]) < 1e-5, name
 
 
-def test_low_precision_inputs_are_scanned_in_float32():
+def test_low_precision_inputs_are_scanned_in_float32(cpu_path):
     inputs = make_inputs(2, 4, 3, 30, seed=3)
     half = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
     out = selective_scan(**half, delta_softplus=True)
@@ -119,13 +73,28 @@ def test_low_precision_inputs_are_scanned_in_float32():
     torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
 
 
-def test_states_are_not_kept_for_backward(block_states):
-    """Only (b, l, d)-sized tensors and per-block start states are saved, never (b, l, d, n)."""
+@pytest.mark.parametrize("algorithm", ["pytorch_one_block", "pytorch_blocks_of_5", "cpu_kernels"])
+def test_states_are_not_kept_for_backward(algorithm, monkeypatch, request):
+    """Only (b, l, d)-sized tensors and states at block or interval starts are saved, never
+    (b, l, d, n)."""
     b, d, n, length = 2, 6, 4, 40
+    if algorithm == "cpu_kernels":
+        request.getfixturevalue("cpu_kernels_extension")
+        fn = cpu_kernels.selective_scan
+    else:
+        monkeypatch.setattr(scan, "BLOCK_STATES", 2**30 if algorithm.endswith("block") else 120)
+        fn = pytorch_selective_scan
     inputs = {k: v.requires_grad_() for k, v in make_inputs(b, d, n, length).items()}
-    out = selective_scan(**inputs, delta_softplus=True)
+    out = fn(**inputs, delta_softplus=True)
     saved = out.grad_fn.saved_tensors
-    assert max(t.numel() for t in saved) < b * length * d * n
+    assert max(t.numel() for t in saved if t is not None) < b * length * d * n
+
+
+def test_cpu_tensors_take_the_fused_kernels_where_built(cpu_path):
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(2, 4, 3, 10).items()}
+    out = selective_scan(**inputs, delta_softplus=True)
+    expected = "espnet_plugin.nets." + ("scan" if cpu_path == "pytorch" else "cpu_kernels")
+    assert out.grad_fn._forward_cls.__module__ == expected
 
 
 def test_unsupported_layouts_are_rejected():

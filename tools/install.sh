@@ -20,5 +20,8 @@ fi
 [ -x .venv/bin/python ] || "${python}" -m venv .venv
 # pip 25 and newer refuse espnet's dependency ci_sdr (a direct-URL dependency in its metadata).
 .venv/bin/python -m pip install -q 'pip<25'
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,benchmark]'
+# Mamba's fused CPU kernels: compiled once (about a minute) and cached; without a C++ compiler, or
+# if the build fails, this says so and Mamba runs its PyTorch scan on CPUs.
+.venv/bin/python -m espnet_plugin.bin.build_cpu_kernels
 .venv/bin/python -c 'import espnet_plugin, torch, espnet; print("espnet", espnet.__version__, "torch", torch.__version__)'

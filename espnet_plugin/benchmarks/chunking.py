@@ -7,6 +7,9 @@ separately trained baseline model ("baseline"). Per utterance it times the encod
 model's own features and the whole decoding (front end, encoder, beam search), the ways running
 in turn within each repeat so that load from other processes falls on all alike; the median
 counts. The achieved compression is the kept frames over the frames entering the chunking stage.
+A separate pass with forward hooks splits the encoder's time (chunked and bypassed) into its
+subsampling, its blocks before the chunking stage (always at the full frame rate), the stage
+itself with the rest, and its blocks after the stage.
 
 Without ``--asr_model_file`` the model gets random weights from a training config (a recipe's
 ``conf/tuning/*.yaml`` with a made-up vocabulary): the router starts at the identity, so its
@@ -17,7 +20,9 @@ every way, with <eos> held back until then.
 
 import argparse
 import logging
+import statistics
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
@@ -177,6 +182,10 @@ def decoded_tokens(speech2text: Speech2Text, wave: np.ndarray) -> int:
     return len(best.yseq) - 2
 
 
+# The ways with a chunking stage, whose encoder time is split into parts.
+CHUNKING_WAYS = ("chunked", "bypassed")
+
+
 class Way:
     """One way of decoding: a Speech2Text, and whether its chunking stage is bypassed."""
 
@@ -209,6 +218,51 @@ class Way:
         return encode, decode
 
 
+ENCODER_PARTS = ("subsampling", "before_router", "router_and_rest", "after_router")
+
+
+@contextmanager
+def part_timers(encoder: torch.nn.Module):
+    """While active, adds the wall seconds the encoder spends in its subsampling and in its blocks
+    before and after the chunking stage into the dict it yields (forward hooks)."""
+    seconds = dict.fromkeys(ENCODER_PARTS[:2] + ENCODER_PARTS[3:], 0.0)
+    after = encoder.chunking.after_block
+    parts = [(encoder.embed, "subsampling")] + [
+        (block, "before_router" if index < after else "after_router")
+        for index, block in enumerate(encoder.blocks)
+    ]
+    started = {}
+    handles = []
+    for module, part in parts:
+        def pre(module, args):
+            started[module] = time.perf_counter()
+
+        def post(module, args, output, part=part):
+            seconds[part] += time.perf_counter() - started.pop(module)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield seconds
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def encoder_parts(way: "Way", wave: np.ndarray, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each encoder part (ENCODER_PARTS) of one way on one utterance;
+    "router_and_rest" is the encoder's time outside the hooked parts."""
+    feats, feat_lengths = encoder_input(way.speech2text, wave)
+    samples = []
+    with part_timers(way.encoder) as seconds, way.active(), torch.no_grad():
+        for _ in range(repeats + 1):  # the first is a warm-up
+            seconds.update(dict.fromkeys(seconds, 0.0))
+            start = time.perf_counter()
+            way.encoder(feats, feat_lengths)
+            total = time.perf_counter() - start
+            samples.append({**seconds, "router_and_rest": total - sum(seconds.values())})
+    return {part: statistics.median(s[part] for s in samples[1:]) * 1e3 for part in ENCODER_PARTS}
+
+
 def time_utterance(ways: dict[str, Way], wave: np.ndarray, steps: Optional[int], args) -> dict:
     """Median encoder and decoding milliseconds of each way, and the tokens each decoded."""
     calls = {name: way.calls(wave, steps) for name, way in ways.items()}
@@ -218,15 +272,21 @@ def time_utterance(ways: dict[str, Way], wave: np.ndarray, steps: Optional[int],
     tokens = {name: way.tokens for name, way in ways.items()}
     if steps is not None and set(tokens.values()) != {steps}:
         raise RuntimeError(f"decoding made {tokens} steps instead of {steps}")
-    return {"encoder_ms": encoder_ms, "decode_ms": decode_ms, "tokens": tokens}
+    parts = {name: encoder_parts(ways[name], wave, args.repeats) for name in CHUNKING_WAYS}
+    return {"encoder_ms": encoder_ms, "decode_ms": decode_ms, "tokens": tokens,
+            "encoder_parts_ms": parts}
 
 
 def totals_and_speedups(rows: list[dict], names: Sequence[str]) -> dict:
     totals = {key: {n: sum(r[key][n] for r in rows) for n in names}
               for key in ("encoder_ms", "decode_ms")}
+    totals["encoder_parts_ms"] = {
+        n: {part: sum(r["encoder_parts_ms"][n][part] for r in rows) for part in ENCODER_PARTS}
+        for n in CHUNKING_WAYS
+    }
     speedup = {key[: -len("_ms")]: {n: totals[key][n] / totals[key]["chunked"]
                                     for n in names if n != "chunked"}
-               for key in totals}
+               for key in ("encoder_ms", "decode_ms")}
     return {"totals": totals, "speedup": speedup}
 
 
@@ -322,6 +382,11 @@ def print_report(report: dict) -> None:
         for key, ratios in run["speedup"].items():
             for name, ratio in ratios.items():
                 print(f"{key} time {name} / chunked: {ratio:.2f}")
+        print(f"encoder parts, ms over all utterances (blocks 1-{chunking['after_block']} run "
+              f"before the router): " + ", ".join(
+                  f"{part} {totals['encoder_parts_ms']['chunked'][part]:.1f} chunked / "
+                  f"{totals['encoder_parts_ms']['bypassed'][part]:.1f} bypassed"
+                  for part in ENCODER_PARTS))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ length: forward in eval mode without gradients (decoding) and forward + backward
 (training). The two encoders run alternately, repeat by repeat, so that load from other processes
 on a shared machine falls on both alike; the median counts. Prints the ConMamba / Conformer ratio
 per length, the time per second of audio and the log-log slope of time against length (1:
-linear, 2: quadratic), then the selective scan against the per-step loop at each length's
-encoder frames (``benchmark_scan``), and writes everything as JSON.
+linear, 2: quadratic), then our selective scan (the fused CPU kernels where built) against our
+PyTorch scan at each length's encoder frames (``benchmark_scan``), and writes everything as JSON.
 """
 
 import argparse
@@ -21,6 +21,7 @@ from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 from espnet_plugin.benchmarks import scan as scan_benchmark
 from espnet_plugin.benchmarks.timing import machine_info, median_ms_side_by_side, write_report
 from espnet_plugin.nets.encoders import ConMambaEncoder, subsampled_lengths
+from espnet_plugin.nets.mamba import PATHS, kernel_path
 
 MODELS = ("conformer", "conmamba")
 PASSES = ("fwd", "fwd+bwd")
@@ -43,7 +44,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--repeats", type=int, default=3, help="timed runs per measurement after a warm-up")
     add("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts to run")
     add("--devices", nargs="+", default=["cpu", "cuda"], help="cuda is skipped when absent")
-    add("--no_scan", action="store_true", help="skip the scan vs per-step loop comparison")
+    add("--no_scan", action="store_true", help="skip the selective scan comparison")
     add("--seed", type=int, default=0)
     add("--output", default="benchmark_encoder.json", help="JSON file to write")
     return parser.parse_args(argv)
@@ -134,21 +135,22 @@ def growth(rows: list[dict]) -> dict:
 
 
 def time_scans(args, device: torch.device, encoder_frames: Sequence[int]) -> list[dict]:
-    """The scan benchmark's chunked scan and per-step loop at one Mamba layer's shapes."""
+    """The scan benchmark's ``ours`` and ``pytorch_scan`` at one Mamba layer's shapes."""
     rows = []
     d_inner = args.expand * args.d_model
     for frames in encoder_frames:
         shape = (args.batch, d_inner, args.d_state, frames)
         for backward in (False, True):
             ms = scan_benchmark.benchmark(shape, device, backward, args.repeats)
-            rows.append({"frames": frames, "pass": PASSES[backward], "chunked_ms": ms["chunked"],
-                         "stepwise_ms": ms["stepwise"], "speedup": ms["stepwise"] / ms["chunked"]})
+            rows.append({"frames": frames, "pass": PASSES[backward], "ours_ms": ms["ours"],
+                         "pytorch_scan_ms": ms["pytorch_scan"],
+                         "speedup": ms["pytorch_scan"] / ms["ours"]})
     return rows
 
 
 def print_run(run: dict, config: dict) -> None:
-    print(f"\n{run['device']}, {run['threads']} torch threads: "
-          f"median of {config['repeats']}, batch {config['batch']}")
+    print(f"\n{run['device']}, {run['threads']} torch threads: median of {config['repeats']}, "
+          f"batch {config['batch']}; ConMamba's Mamba runs the {PATHS[run['mamba_path']]}")
     print(f"{'speech':>7} {'frames':>6} {'pass':>8} {'Conformer ms':>13} {'ConMamba ms':>12} "
           f"{'ratio':>6} {'Conformer ms/s':>15} {'ConMamba ms/s':>14}")
     for r in run["encoders"]:
@@ -163,11 +165,12 @@ def print_run(run: dict, config: dict) -> None:
             print(f"log-log slope {pass_:>8} {name:>9}: {slope} (between lengths: {steps})")
     if run["scan"]:
         print(f"selective scan, one direction of one layer (batch {config['batch']}, "
-              f"d_inner {config['expand'] * config['d_model']}, d_state {config['d_state']})")
-        print(f"{'frames':>6} {'pass':>8} {'chunked ms':>11} {'stepwise ms':>12} {'speed-up':>9}")
+              f"d_inner {config['expand'] * config['d_model']}, d_state {config['d_state']}): "
+              f"ours ({run['mamba_path']}) against our PyTorch scan")
+        print(f"{'frames':>6} {'pass':>8} {'ours ms':>8} {'PyTorch ms':>11} {'speed-up':>9}")
         for r in run["scan"]:
-            print(f"{r['frames']:>6} {r['pass']:>8} {r['chunked_ms']:>11.1f} "
-                  f"{r['stepwise_ms']:>12.1f} {r['speedup']:>8.1f}x")
+            print(f"{r['frames']:>6} {r['pass']:>8} {r['ours_ms']:>8.2f} "
+                  f"{r['pytorch_scan_ms']:>11.2f} {r['speedup']:>8.1f}x")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -182,8 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             torch.set_num_threads(threads)
             rows = time_encoders(encoders, args, device)
             frames = sorted({r["encoder_frames"] for r in rows})
-            run = {"device": device.type, "threads": threads, "encoders": rows,
-                   "growth": growth(rows),
+            run = {"device": device.type, "threads": threads, "mamba_path": kernel_path(device),
+                   "encoders": rows, "growth": growth(rows),
                    "scan": [] if args.no_scan else time_scans(args, device, frames)}
             print_run(run, config)
             runs.append(run)

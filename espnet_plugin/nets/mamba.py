@@ -2,7 +2,8 @@
 
 Parameter names, shapes and initialisation are those of mamba_ssm's ``Mamba`` (and Vim's
 bidirectional extension), so a state_dict moves unchanged between a CUDA machine running the fused
-mamba_ssm/causal_conv1d kernels and a CPU machine running the PyTorch selective scan.
+mamba_ssm/causal_conv1d kernels, a CPU running this plugin's fused C++ kernels
+(:mod:`espnet_plugin.nets.cpu_kernels`) and anything else running the PyTorch selective scan.
 """
 
 import functools
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from espnet_plugin.nets.scan import selective_scan
+from espnet_plugin.nets import cpu_kernels
+from espnet_plugin.nets.scan import pytorch_selective_scan
 
 logger = logging.getLogger(__name__)
 
@@ -51,36 +53,69 @@ def _fused_kernels() -> Optional[FusedKernels]:
     return FusedKernels(causal_conv1d_fn, selective_scan_fn)
 
 
+# What runs Mamba's convolution and scan, by name.
+PATHS = {
+    "cuda_kernels": "mamba_ssm + causal_conv1d CUDA kernels",
+    "cpu_kernels": "fused C++ CPU kernels",
+    "pytorch": "PyTorch selective scan",
+}
+
+
 @functools.cache
-def _announce_path(device_type: str, fused: bool) -> None:
-    path = "mamba_ssm + causal_conv1d CUDA kernels" if fused else "PyTorch selective scan"
-    logger.info("Mamba on %s: using the %s", device_type, path)
+def _announce_path(device_type: str, path: str) -> None:
+    logger.info("Mamba on %s: using the %s", device_type, PATHS[path])
 
 
-def selective_ssm(x: torch.Tensor, z: torch.Tensor, p: SSMParameters) -> torch.Tensor:
+def kernel_path(device: torch.device) -> str:
+    """The path (a key of PATHS) that runs Mamba on ``device``: the fused kernels where they
+    exist (mamba_ssm's on CUDA, espnet_plugin/csrc's on the CPU), PyTorch otherwise."""
+    if device.type == "cuda" and _fused_kernels() is not None:
+        path = "cuda_kernels"
+    elif device.type == "cpu" and cpu_kernels.extension() is not None:
+        path = "cpu_kernels"
+    else:
+        path = "pytorch"
+    _announce_path(device.type, path)
+    return path
+
+
+def selective_ssm(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    p: SSMParameters,
+    reverse: bool = False,
+    lengths: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """One direction of Mamba between in_proj and out_proj: (b, d_inner, l) x, z -> y.
 
     Causal depthwise conv + SiLU, input-dependent dt, B, C, selective scan, gated by silu(z).
+    ``reverse`` (the fused CPU kernels only): the direction runs backwards in time within each of
+    ``lengths`` (b,) (None: all l), as on inputs reversed by :func:`reverse_within_lengths`.
     """
-    kernels = _fused_kernels() if x.is_cuda else None
-    _announce_path(x.device.type, kernels is not None)
+    path = kernel_path(x.device)
+    if reverse and path != "cpu_kernels":
+        raise ValueError(f"selective_ssm: reverse=True needs the fused CPU kernels, not the {path}")
     length = x.shape[-1]
-    if kernels is not None:
-        x = kernels.causal_conv1d_fn(
-            x=x.contiguous(), weight=p.conv1d.weight.squeeze(1), bias=p.conv1d.bias,
-            activation="silu",
+    conv_weight = p.conv1d.weight.squeeze(1)
+    if path == "cuda_kernels":
+        x = _fused_kernels().causal_conv1d_fn(
+            x=x.contiguous(), weight=conv_weight, bias=p.conv1d.bias, activation="silu",
         )
+    elif path == "cpu_kernels":
+        x = cpu_kernels.causal_conv1d(x, conv_weight, p.conv1d.bias, reverse, lengths)
     else:
         x = F.silu(p.conv1d(x)[..., :length])
     dt_rank, d_state = p.dt_proj.in_features, p.A_log.shape[1]
     dt, B, C = torch.split(p.x_proj(x.transpose(1, 2)), [dt_rank, d_state, d_state], dim=-1)
     dt = F.linear(dt, p.dt_proj.weight).transpose(1, 2)  # its bias is added inside the scan
-    scan = kernels.selective_scan_fn if kernels is not None else selective_scan
-    return scan(
-        x, dt, -torch.exp(_at_least_float32(p.A_log)), B.transpose(1, 2).contiguous(),
-        C.transpose(1, 2).contiguous(), _at_least_float32(p.D), z=z,
-        delta_bias=_at_least_float32(p.dt_proj.bias), delta_softplus=True,
-    )
+    B, C = B.transpose(1, 2), C.transpose(1, 2)  # (b, n, l); the fused CPU scan reads any strides
+    options = dict(z=z, delta_bias=_at_least_float32(p.dt_proj.bias), delta_softplus=True)
+    A, D = -torch.exp(_at_least_float32(p.A_log)), _at_least_float32(p.D)
+    if path == "cpu_kernels":
+        return cpu_kernels.selective_scan(x, dt, A, B, C, D, **options, reverse=reverse,
+                                          lengths=lengths)
+    scan = _fused_kernels().selective_scan_fn if path == "cuda_kernels" else pytorch_selective_scan
+    return scan(x, dt, A, B.contiguous(), C.contiguous(), D, **options)
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -186,10 +221,24 @@ class Mamba(nn.Module):
         for p in self.directions():
             self.init_direction(p)
 
-    def mix(self, xz: torch.Tensor, p: SSMParameters) -> torch.Tensor:
-        """in_proj output (B, T, 2 d_inner) -> gated scan output (B, T, d_inner), one direction."""
+    def mix(
+        self,
+        xz: torch.Tensor,
+        p: SSMParameters,
+        reverse: bool = False,
+        lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """in_proj output (B, T, 2 d_inner) -> gated scan output (B, T, d_inner), one direction;
+        ``reverse``: backwards in time within each utterance's length (``lengths``, None: T).
+
+        The fused CPU kernels walk time backwards themselves; elsewhere the input and the output
+        are reversed with :func:`reverse_within_lengths`."""
+        in_place = reverse and kernel_path(xz.device) == "cpu_kernels"
+        if reverse and not in_place:
+            xz = reverse_within_lengths(xz, lengths)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)
-        return selective_ssm(x, z, p).transpose(1, 2)
+        y = selective_ssm(x, z, p, in_place, lengths).transpose(1, 2)
+        return reverse_within_lengths(y, lengths) if reverse and not in_place else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); frame t depends on frames <= t only."""
@@ -246,5 +295,5 @@ class BiMamba(Mamba):
         xz = self.in_proj(x)
         forward_dir, backward_dir = self.directions()
         y = self.mix(xz, forward_dir)
-        y_b = self.mix(reverse_within_lengths(xz, lengths), backward_dir)
-        return self.out_proj((y + reverse_within_lengths(y_b, lengths)) / 2)
+        y_b = self.mix(xz, backward_dir, reverse=True, lengths=lengths)
+        return self.out_proj((y + y_b) / 2)

@@ -10,6 +10,8 @@ no logarithm), so a_t == 0 and thousands of steps are as exact as the sequential
 Both backward passes are themselves reverse scans, so autograd stores no intermediate tensors.
 When one frame alone holds many states (a training batch), a plain frame-by-frame loop is
 faster still: each operation is then large enough, and the inputs are read once, in order.
+On CPUs ``selective_scan`` runs the fused C++ kernel of :mod:`espnet_plugin.nets.cpu_kernels`
+where it could be built; the PyTorch scan here is its fallback and its reference.
 """
 
 import math
@@ -18,6 +20,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from espnet_plugin.nets import cpu_kernels
 
 
 # From this many states per frame on, _scan steps frame by frame: each step's operations are big
@@ -242,7 +246,10 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """mamba_ssm's ``selective_scan_fn`` (real A, input-dependent B and C) in PyTorch.
+    """mamba_ssm's ``selective_scan_fn`` (real A, input-dependent B and C) for non-CUDA tensors.
+
+    On CPU tensors the fused C++ kernel of :mod:`espnet_plugin.nets.cpu_kernels` runs where it
+    could be built, :func:`pytorch_selective_scan` everywhere else.
 
     Args:
         u, delta: (b, d, l) inputs and raw step sizes.
@@ -254,9 +261,23 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns:
         y: (b, d, l) in u's dtype, computed in at least float32.
     """
+    _check_layout(A, B, C)
+    if u.device.type == "cpu" and cpu_kernels.extension() is not None:
+        return cpu_kernels.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def pytorch_selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+):
+    """:func:`selective_scan` in PyTorch alone, on any device: the fallback and the reference."""
+    _check_layout(A, B, C)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _check_layout(A, B, C) -> None:
     if A.is_complex() or A.dim() != 2 or B.dim() != 3 or C.dim() != 3:
         raise ValueError(
             "selective_scan supports a real A (d, n) and input-dependent B, C (b, n, l) only, got "
             f"A {tuple(A.shape)} {A.dtype}, B {tuple(B.shape)}, C {tuple(C.shape)}"
         )
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
