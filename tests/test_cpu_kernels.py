@@ -4,6 +4,9 @@ convolution module's centred one, every gradient, any input layout; and the PyTo
 where the extension cannot be built."""
 
 import logging
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,7 +201,23 @@ def test_a_failed_build_falls_back_to_pytorch(failing_build, caplog):
                      1e-9)
 
 
-def test_the_build_is_cached_per_torch_version_and_cpu_capability():
+def test_the_build_is_cached_per_torch_version_cpu_capability_and_checkout(monkeypatch):
     directory = cpu_kernels.build_directory().name
     assert torch.__version__.replace("+", "_") in directory
     assert torch.backends.cpu.get_cpu_capability() in directory
+    monkeypatch.setattr(cpu_kernels, "SOURCE", Path("/another/checkout") / cpu_kernels.SOURCE.name)
+    assert cpu_kernels.build_directory().name != directory
+
+
+def test_every_process_builds_with_the_same_ninja(tmp_path, monkeypatch):
+    """Another ninja first on PATH (a system one) would make each process redo the cached build."""
+    ninja = pytest.importorskip("ninja")
+    other = tmp_path / "ninja"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    cpu_kernels.use_our_ninja()
+    assert Path(shutil.which("ninja")).resolve() == (Path(ninja.BIN_DIR) / "ninja").resolve()
+    path = os.environ["PATH"]
+    cpu_kernels.use_our_ninja()
+    assert os.environ["PATH"] == path  # already first: PATH is left alone

@@ -6,7 +6,7 @@ every state and is memory-bound; ``espnet_plugin/csrc/mamba_cpu.cpp`` makes them
 and walks each block of channels through time once, forward and backward, and can walk time
 backwards within each utterance's length so that a bidirectional block reverses no tensor. The
 extension is compiled with ``torch.utils.cpp_extension`` the first time it is asked for (by
-``tools/install.sh`` at install time) and cached per torch version and CPU capability under
+``tools/install.sh`` at install time) and cached per torch version, CPU capability and checkout under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Where it cannot be built (no
 compiler, a failed build) :func:`extension` returns None, once and for all with the reason logged,
 and the PyTorch implementations run instead.
@@ -14,8 +14,10 @@ and the PyTorch implementations run instead.
 
 import argparse
 import functools
+import hashlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -39,18 +41,36 @@ def compiler_flags() -> list[str]:
 
 
 def build_directory() -> Path:
-    """One cached build per torch version and CPU capability: a build is valid for both only."""
+    """One cached build per torch version and CPU capability (a build is valid for both only)
+    and per source file: the build names its source's path, so two checkouts sharing one folder
+    would each compile again after the other."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     tag = f"torch{torch.__version__}_{torch.backends.cpu.get_cpu_capability()}".replace("+", "_")
-    return Path(root) / f"{NAME}_{tag}"
+    checkout = hashlib.sha1(str(SOURCE).encode()).hexdigest()[:8]
+    return Path(root) / f"{NAME}_{tag}_{checkout}"
+
+
+def use_our_ninja() -> None:
+    """Put the ninja this package depends on first on PATH, where torch looks for it: two ninja
+    versions (a system one, the virtual environment's) read each other's build log as changed
+    commands, so processes with different PATHs would keep compiling the cached build again."""
+    try:
+        import ninja
+    except ImportError:  # torch then uses whichever ninja PATH has, or says it needs one
+        return
+    ours = Path(ninja.BIN_DIR) / "ninja"
+    found = shutil.which("ninja")
+    if found is None or Path(found).resolve() != ours.resolve():
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def build(verbose: bool = False):
     """Compile the extension, or find its cached build, and import it; raises on failure."""
     from torch.utils.cpp_extension import load
 
+    use_our_ninja()
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     return load(
