@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ASR_EXP, copy_recipe, stats_dir
+from conftest import ASR_EXP, copy_recipe, run_recipe, stats_dir
 from espnet_plugin.cli import UserError
 from espnet_plugin.convert_attention import main as convert
 
@@ -177,3 +177,18 @@ def test_the_command_line(work):
         cwd=work, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "encoder.blocks.0.mixer" in result.stdout and "cache per position, all" in result.stdout
+
+
+def test_the_recipe_converts_then_fine_tunes_a_trained_model(work):
+    """asr.sh --finetune_from: the conversion, then ESPnet's trainer on a config made from the
+    trained model's config.yaml, which records keys ESPnet's own parser refuses in a --config."""
+    source = yaml.safe_load((work / ASR_EXP / "config.yaml").read_text())
+    assert {"required", "distributed", "version"} <= set(source)
+    run_recipe(work, "--finetune_from", ASR_EXP, "--asr_tag", "tiny_mla_ft", "--convert_args",
+               "--target mla --calib_utts 4 --no_wer", "--finetune_epochs", "1",
+               "--stage", "5", "--stop_stage", "5")
+    exp = work / "exp" / "asr_tiny_mla_ft"
+    config = yaml.safe_load((exp / "config.yaml").read_text())
+    assert config["decoder"] == "cached_transformer" and config["max_epoch"] == 1
+    assert config["optim_conf"]["lr"] == pytest.approx(source["optim_conf"]["lr"] * 0.1)
+    assert (exp / "valid.acc.ave.pth").is_file() and (exp / "1epoch.pth").is_file()

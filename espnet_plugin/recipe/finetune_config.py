@@ -2,7 +2,8 @@
 
 A saved config.yaml holds what its run was given on the command line too: data lists, shape files
 and fold lengths, which ESPnet's parser would append to those the recipe gives again, and the
-output and initial weights of that run. Those are left out; the training is shortened to
+output and initial weights of that run, and what ESPnet recorded of it that is no option (its
+parser refuses those). They are left out; the training is shortened to
 ``--epochs`` at ``--lr_scale`` times the learning rate, warmed up over ``--warmup_steps`` (MHA2MLA
 fine-tunes a converted model at about a tenth of the original learning rate, briefly warmed up).
 
@@ -21,6 +22,8 @@ from espnet_plugin.cli import UserError, run
 RUN_KEYS = ("config", "output_dir", "init_param", "train_data_path_and_name_and_type",
             "valid_data_path_and_name_and_type", "train_shape_file", "valid_shape_file",
             "fold_length")
+# Keys ESPnet writes into config.yaml that are no options: its parser refuses them in a --config.
+RECORD_KEYS = ("required", "distributed", "version")
 
 
 def finetune_config(config: dict, epochs: int, lr_scale: float, warmup_steps: int) -> dict:
@@ -31,7 +34,7 @@ def finetune_config(config: dict, epochs: int, lr_scale: float, warmup_steps: in
     lr = (config.get("optim_conf") or {}).get("lr")
     if lr is None:
         raise UserError("the config's optim_conf has no lr to scale")
-    tuned = {key: value for key, value in config.items() if key not in RUN_KEYS}
+    tuned = {key: value for key, value in config.items() if key not in RUN_KEYS + RECORD_KEYS}
     tuned["max_epoch"] = epochs
     tuned["optim_conf"] = {**config["optim_conf"], "lr": lr * lr_scale}
     if config.get("scheduler") == "warmuplr":
