@@ -8,11 +8,15 @@ import re
 
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.image import imread
+from matplotlib.text import Text
 
 from espnet_plugin.cli import UserError
 from espnet_plugin.recipe import score
 from espnet_plugin.recipe.report import main
+from espnet_plugin.recipe.report_plots import Point, name_points
 from espnet_plugin.recipe.stamp import file_hash
 
 DECODE = "decode_asr_asr_model_valid.acc.ave"
@@ -431,6 +435,29 @@ def test_figures_are_pngs_embedded_in_the_markdown(report):
         assert f"]({name})" in text
     assert results(report)["figures"] == names
     assert results(report)["encoder_benchmarks"] == ["benchmarks/benchmark_encoder.json"]
+
+
+def test_crowded_names_neither_overlap_nor_leave_the_panel():
+    figure = Figure(figsize=(6.5, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    crowd = [Point(f"asr_conformer_model_{i}", "conformer", "mla", 120 + 2 * i, 55 + 0.2 * i)
+             for i in range(6)]
+    twins = [Point(name, "conformer", "gqa", 300, 70) for name in ("asr_twin_a", "asr_twin_b")]
+    rightmost = Point("asr_conformer_with_a_long_name", "conformer", "mha", 600, 60)
+    points = [*crowd, *twins, rightmost]
+    axes.scatter([p.x for p in points], [p.y for p in points])
+
+    annotations = name_points(axes, points)
+
+    renderer = figure.canvas.get_renderer()
+    boxes = [Text.get_window_extent(a, renderer) for a in annotations]
+    assert [a.get_text() for a in annotations][-2:] == ["asr_twin_a\nasr_twin_b", rightmost.label]
+    assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert max(a.xyann[1] for a in annotations[:6]) > 3  # the crowd's names were moved apart
+    panel = axes.get_window_extent(renderer)
+    assert all(panel.x0 <= box.x0 and box.x1 <= panel.x1 for box in boxes)
+    assert annotations[-1].get_horizontalalignment() == "right"
 
 
 def test_only_the_figures_the_data_allows(tmp_path, capsys):

@@ -8,9 +8,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.text import Annotation, Text
+from matplotlib.transforms import Bbox
 
 from espnet_plugin.cli import UserError
 from espnet_plugin.recipe.study_layout import is_number, read_json_object
@@ -58,11 +61,15 @@ def _figure(height: float) -> Figure:
     return figure
 
 
-def _save(figure: Figure, path: Path, handles: list, title: str | None = None,
-          below: bool = False) -> None:
+def _legend(figure: Figure, handles: list, title: str | None = None, below: bool = False) -> None:
     """Legend outside the axes (right, or below the panels), where it cannot cover the data."""
     figure.legend(handles=handles, loc="outside lower center" if below else "outside right upper",
                   ncols=3 if below else 1, fontsize="small", title=title, title_fontsize="small")
+
+
+def _save(figure: Figure, path: Path, handles: list, title: str | None = None,
+          below: bool = False) -> None:
+    _legend(figure, handles, title, below)
     figure.savefig(path, dpi=DPI)
 
 
@@ -83,21 +90,56 @@ def bar_chart(bars: list[Bar], xlabel: str, path: Path, style: Style) -> None:
     _save(figure, path, _encoder_handles(style, {b.encoder for b in bars}), "encoder")
 
 
+def name_points(axes: Axes, points: list[Point]) -> list[Annotation]:
+    """Write each point's model name beside it (one name list where points coincide), then move
+    names up, lowest first, until no two overlap (and to the left of their point where they would
+    leave the panel); a thin line joins a name to its point. Models
+    of a study crowd together at the same cache size, where names written in place would be
+    unreadable. Call it once the figure has its legend: the layout must not change afterwards
+    (the names themselves are kept out of the layout)."""
+    names: dict[tuple[float, float], list[str]] = {}
+    for p in points:
+        names.setdefault((p.x, p.y), []).append(p.label)
+    annotations = [
+        axes.annotate("\n".join(labels), xy, xytext=(3, 3), textcoords="offset points",
+                      fontsize=5, in_layout=False,
+                      arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.3, "shrinkA": 0,
+                                  "shrinkB": 2})
+        for xy, labels in names.items()
+    ]
+    figure = axes.get_figure()
+    figure.draw_without_rendering()  # lays the figure out: where the names land
+    renderer = figure.canvas.get_renderer()
+
+    def name_box(annotation: Annotation) -> Bbox:
+        return Text.get_window_extent(annotation, renderer)  # the name, not its line
+
+    right_edge = axes.get_window_extent(renderer).x1
+    for annotation in annotations:  # names that would leave the panel go left of their point
+        if name_box(annotation).x1 > right_edge:
+            annotation.set_horizontalalignment("right")
+            annotation.xyann = (-annotation.xyann[0], annotation.xyann[1])
+    placed: list[Bbox] = []
+    for annotation in sorted(annotations, key=lambda a: name_box(a).y0):
+        box = name_box(annotation)
+        while (tops := [b.y1 for b in placed if b.overlaps(box)]):
+            x_points, y_points = annotation.xyann
+            raise_points = (max(tops) - box.y0 + 1) * 72 / figure.dpi
+            annotation.xyann = (x_points, y_points + raise_points)
+            box = name_box(annotation)
+        placed.append(box)
+    return annotations
+
+
 def wer_vs_cache(panels: dict[str, list[Point]], path: Path, style: Style) -> None:
-    """One panel per test set: WER against cache size, points named by model (one name list
-    where points coincide)."""
+    """One panel per test set: WER against cache size, points named by model."""
     columns = min(len(panels), 2)
     rows = math.ceil(len(panels) / columns)
     figure = _figure(1.0 + 3.0 * rows)
     axes_grid = figure.subplots(rows, columns, squeeze=False)
     for axes, (test_set, points) in zip(axes_grid.flat, panels.items()):
-        names: dict[tuple[float, float], list[str]] = {}
         for p in points:
             axes.scatter(p.x, p.y, color=style.colour(p.encoder), marker=style.marker(p.attention))
-            names.setdefault((p.x, p.y), []).append(p.label)
-        for xy, labels in names.items():
-            axes.annotate("\n".join(labels), xy, xytext=(3, 3), textcoords="offset points",
-                          fontsize=5)
         axes.margins(0.15)  # room for the names
         axes.set_xlabel(CACHE_LABEL, fontsize="small")
         axes.set_ylabel(f"WER on {test_set} (%)", fontsize="small")
@@ -110,7 +152,10 @@ def wer_vs_cache(panels: dict[str, list[Point]], path: Path, style: Style) -> No
         Line2D([], [], color="grey", marker=style.marker(a), linestyle="", label=f"attention {a}")
         for a in attentions
     ]
-    _save(figure, path, handles, below=True)
+    _legend(figure, handles, below=True)
+    for axes, points in zip(axes_grid.flat, panels.values()):
+        name_points(axes, points)
+    figure.savefig(path, dpi=DPI)
 
 
 def read_encoder_benchmark(path: Path) -> list[dict]:
