@@ -93,10 +93,9 @@ def bar_chart(bars: list[Bar], xlabel: str, path: Path, style: Style) -> None:
 def name_points(axes: Axes, points: list[Point]) -> list[Annotation]:
     """Write each point's model name beside it (one name list where points coincide), then move
     names up, lowest first, until no two overlap (and to the left of their point where they would
-    leave the panel); a thin line joins a name to its point. Models
-    of a study crowd together at the same cache size, where names written in place would be
-    unreadable. Call it once the figure has its legend: the layout must not change afterwards
-    (the names themselves are kept out of the layout)."""
+    leave the panel); a thin line joins a name to its point. Models of a study crowd together at
+    the same cache size, where names written in place would be unreadable. Call it once the figure
+    has its legend: the layout must not change afterwards (the names are kept out of it)."""
     names: dict[tuple[float, float], list[str]] = {}
     for p in points:
         names.setdefault((p.x, p.y), []).append(p.label)
