@@ -14,7 +14,10 @@ setup(
         # espnet 202511 is the newest for Python 3.11; it pins setuptools<74, which keeps
         # torch at 2.12.x (torch 2.13 wants setuptools>=77). torchaudio 2.11.0 loads with it;
         # 2.11.1 does not (libtorchaudio.so: undefined symbol torch_exception_get_what_...).
-        "espnet>=202511",
+        "espnet>=202511; python_version<'3.12'",
+        # espnet 202611 moved what ASR training needs (editdistance for the error rates,
+        # ctc-segmentation) into its "asr" extra.
+        "espnet[asr]>=202611; python_version>='3.12'",
         "torch>=2.1,<2.13; python_version<'3.12'",
         "torch>=2.1; python_version>='3.12'",
         "torchaudio==2.11.0; python_version<'3.12'",

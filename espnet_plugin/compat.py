@@ -49,3 +49,5 @@ check_short_utt = _subsampling.check_short_utt
 
 BatchBeamSearch = nets_module("batch_beam_search").BatchBeamSearch
 CTCPrefixScorer = nets_module("scorers.ctc").CTCPrefixScorer
+Hypothesis = nets_module("beam_search").Hypothesis
+end_detect = nets_module("e2e_asr_common").end_detect

@@ -49,18 +49,13 @@ from espnet_plugin.nets.attention_conversion import (
     to_gqa,
     to_mla,
 )
+from espnet_plugin.nets.transformer_decoder import cached_decoder_conf
 from espnet_plugin.recipe.kaldi_data import read_table, read_text
 from espnet_plugin.recipe.score import score
 
 MODULE_GROUPS = ("encoder_self", "decoder_self", "decoder_cross")
 TARGETS = ("mla", "gqa")
 OUTPUTS = ("config.yaml", "model.pth", "report.json")
-# ESPnet's stock TransformerDecoder options that the cached decoder shares, and those it lacks.
-STOCK_DECODER_SHARED = ("attention_heads", "linear_units", "num_blocks", "dropout_rate",
-                        "positional_dropout_rate", "self_attention_dropout_rate",
-                        "src_attention_dropout_rate", "input_layer", "use_output_layer",
-                        "normalize_before", "concat_after")
-STOCK_DECODER_UNSUPPORTED = {"layer_drop_rate": 0.0, "qk_norm": False}
 
 
 class Site(NamedTuple):
@@ -345,14 +340,11 @@ def converted_config(config: dict, plan: Plan, options: dict[str, dict]) -> dict
         config["encoder_conf"].update(attention_type=plan.target,
                                       attention_conf=options["encoder_self"])
     if groups & {"decoder_self", "decoder_cross"} and config.get("decoder") == "transformer":
-        stock = config["decoder_conf"]
-        for key, neutral in STOCK_DECODER_UNSUPPORTED.items():
-            if stock.get(key, neutral) != neutral:
-                raise UserError(f"decoder_conf {key}: {stock[key]} has no counterpart in the "
-                                f"cached decoder; only {neutral} converts")
+        try:
+            config["decoder_conf"] = cached_decoder_conf(config["decoder_conf"])
+        except ValueError as err:
+            raise UserError(str(err)) from None
         config["decoder"] = "cached_transformer"
-        config["decoder_conf"] = {**{k: stock[k] for k in STOCK_DECODER_SHARED if k in stock},
-                                  "position": "absolute"}
     for group, prefix in (("decoder_self", "self"), ("decoder_cross", "src")):
         if group in groups:
             config["decoder_conf"].update({f"{prefix}_attention_type": plan.target,

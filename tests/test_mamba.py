@@ -122,7 +122,7 @@ def test_espnet_init_keeps_the_ssm_init():
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"mixer": BiMamba(D_MODEL, "shared")})
     in_proj_before = model["mixer"].in_proj.weight.clone()
-    for init in ("xavier_uniform", "chainer"):
+    for init in ("xavier_uniform", "kaiming_normal"):
         initialize(model, init)
         for d in model["mixer"].directions():
             check_direction_init(d.dt_proj, d.A_log, d.D, 0.001, 0.1, model["mixer"].dt_rank)

@@ -35,6 +35,7 @@ class KVCache(NamedTuple):
 
     key: torch.Tensor
     value: torch.Tensor
+    time_dim = 2
 
     @property
     def length(self) -> int:
@@ -51,6 +52,7 @@ class LatentCache(NamedTuple):
 
     latent: torch.Tensor
     rope_key: torch.Tensor
+    time_dim = 1
 
     @property
     def length(self) -> int:
@@ -69,6 +71,7 @@ class LinearState(NamedTuple):
 
     kv: torch.Tensor
     k_sum: torch.Tensor
+    time_dim = None
 
 
 Cache = Union[KVCache, LatentCache, LinearState]
@@ -85,6 +88,11 @@ class Memory(NamedTuple):
     def batch_size(self) -> int:
         return self.cache[0].size(0)
 
+    def select(self, rows: torch.Tensor) -> "Memory":
+        """The memory of the sources ``rows`` (indices into the batch)."""
+        mask = None if self.mask is None else self.mask.index_select(0, rows)
+        return Memory(select_rows(self.cache, rows), mask)
+
 
 def cache_nbytes(cache: Cache) -> int:
     """Bytes held by a cache object (all its tensors, all batch rows)."""
@@ -99,6 +107,69 @@ def concat_caches(caches: Sequence[Cache]) -> Cache:
 def cache_row(cache: Cache, index: int) -> Cache:
     """The cache of batch row ``index`` (a view, batch 1)."""
     return type(cache)(*(t[index : index + 1] for t in cache))
+
+
+def select_rows(cache: Cache, rows: torch.Tensor) -> Cache:
+    """The cache of batch rows ``rows`` (indices, repeats allowed), copied."""
+    return type(cache)(*(t.index_select(0, rows) for t in cache))
+
+
+class GrowingCache:
+    """The self-attention caches of many hypotheses, one tensor per field with room to grow.
+
+    ``concat_caches`` and ``KVCache.extend`` copy the whole cache at every step, so a step costs
+    memory traffic in proportion to the prefix. Here each tensor is allocated with spare room
+    along its time axis (``GROWTH`` tokens at a time): a step writes its token in place
+    (``extend``, which ``SoftmaxAttention.causal`` calls as it would on a cache) and attention
+    reads a view of the filled part; beam pruning reorders the rows by index (``select``).
+    """
+
+    GROWTH = 32
+
+    def __init__(self, cache: Union[KVCache, LatentCache]):
+        self.kind = type(cache)
+        self.length = 0
+        self.tensors = [t.new_empty(self._shape(t, 0)) for t in cache]
+        self.extend(cache)
+
+    def _shape(self, t: torch.Tensor, needed: int) -> list[int]:
+        shape = list(t.shape)
+        shape[self.kind.time_dim] = needed + self.GROWTH
+        return shape
+
+    def extend(self, new: Union[KVCache, LatentCache]) -> Union[KVCache, LatentCache]:
+        """Append the entries ``new`` of the next tokens; returns the cache so far (views)."""
+        dim, end = self.kind.time_dim, self.length + new.length
+        for i, (buffer, part) in enumerate(zip(self.tensors, new)):
+            if buffer.size(dim) < end:
+                grown = buffer.new_empty(self._shape(buffer, end))
+                grown.narrow(dim, 0, self.length).copy_(buffer.narrow(dim, 0, self.length))
+                self.tensors[i] = buffer = grown
+            buffer.narrow(dim, self.length, new.length).copy_(part)
+        self.length = end
+        return self.view()
+
+    def view(self) -> Union[KVCache, LatentCache]:
+        return self.kind(*(t.narrow(self.kind.time_dim, 0, self.length) for t in self.tensors))
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the hypotheses ``rows`` (indices, repeats allowed), in that order."""
+        self.tensors = [t.index_select(0, rows) for t in self.tensors]
+
+
+def growing(cache: Cache) -> Union[GrowingCache, LinearState]:
+    """A cache made to grow in place; linear attention's fixed-size state stays as it is."""
+    return cache if cache.time_dim is None else GrowingCache(cache)
+
+
+def select_hypotheses(
+    cache: Union[GrowingCache, LinearState], rows: torch.Tensor
+) -> Union[GrowingCache, LinearState]:
+    """``cache`` of the hypotheses ``rows``: a growing cache in place, a state copied."""
+    if isinstance(cache, GrowingCache):
+        cache.select(rows)
+        return cache
+    return select_rows(cache, rows)
 
 
 def key_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -216,11 +287,17 @@ class Attention(nn.Module, ABC):
     def attend(self, x: torch.Tensor, memory: Memory) -> torch.Tensor:
         """Cross-attention of ``x`` (batch, time, d_model) to ``memory``.
 
-        A memory of batch 1 serves any number of query rows (a beam's hypotheses share one
-        utterance): they are folded into one row, so the source is read once for all of them.
+        A memory of ``sources`` rows serves any multiple of that many query rows, utterance-major
+        (a beam's hypotheses share their utterance's row): each source's rows are folded into
+        one, so a source is read once for all its hypotheses.
         """
-        if memory.batch_size == 1 and x.size(0) > 1:
-            return self._attend(x.reshape(1, -1, x.size(-1)), memory).view_as(x)
+        sources = memory.batch_size
+        if x.size(0) != sources:
+            _require(
+                x.size(0) % sources == 0,
+                f"{x.size(0)} query rows cannot share a memory of {sources} sources",
+            )
+            return self._attend(x.reshape(sources, -1, x.size(-1)), memory).view_as(x)
         return self._attend(x, memory)
 
 

@@ -11,7 +11,8 @@ With MHA and absolute positions, the parameter names are ESPnet's, so a stock de
 state_dict loads as is and gives the same scores.
 """
 
-from typing import Any, List, NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from espnet2.asr.decoder.abs_decoder import AbsDecoder
@@ -28,13 +29,35 @@ from espnet_plugin.compat import (
 from espnet_plugin.nets.attention import (
     Attention,
     Cache,
+    GrowingCache,
+    LinearState,
     Memory,
     build_attention,
     cache_row,
     concat_caches,
+    growing,
+    select_hypotheses,
 )
 
 POSITIONS = ("absolute", "rotary")
+# ESPnet's stock TransformerDecoder options that the cached decoder shares, and those it lacks
+# (with the one value of each that it matches).
+STOCK_DECODER_SHARED = ("attention_heads", "linear_units", "num_blocks", "dropout_rate",
+                        "positional_dropout_rate", "self_attention_dropout_rate",
+                        "src_attention_dropout_rate", "input_layer", "use_output_layer",
+                        "normalize_before", "concat_after")
+STOCK_DECODER_UNSUPPORTED = {"layer_drop_rate": 0.0, "qk_norm": False}
+
+
+def cached_decoder_conf(stock_conf: dict) -> dict:
+    """The ``decoder_conf`` of a cached decoder equal to ESPnet's stock ``TransformerDecoder``
+    of ``stock_conf``: MHA, absolute positions, the same weights under the same names."""
+    for key, neutral in STOCK_DECODER_UNSUPPORTED.items():
+        if stock_conf.get(key, neutral) != neutral:
+            raise ValueError(f"decoder_conf {key}: {stock_conf[key]} has no counterpart in the "
+                             f"cached decoder; only {neutral} converts")
+    return {**{k: stock_conf[k] for k in STOCK_DECODER_SHARED if k in stock_conf},
+            "position": "absolute"}
 
 
 class OffsetPositionalEncoding(PositionalEncoding):
@@ -46,12 +69,36 @@ class OffsetPositionalEncoding(PositionalEncoding):
         return self.dropout(x * self.xscale + self.pe[:, start : start + x.size(1)])
 
 
-class DecoderState(NamedTuple):
+@dataclass(frozen=True)
+class DecoderState:
     """A hypothesis' decoder state: its self-attention cache per layer (None before the first
-    step) and the utterance's cross-attention memory per layer, one object for all hypotheses."""
+    step) and the utterance's cross-attention memory per layer, one object for all hypotheses.
+
+    Not a tuple: ESPnet 202611's beam search rebuilds every tuple of a finished hypothesis' state
+    as ``type(t)(generator)``, which a NamedTuple refuses."""
 
     caches: Optional[Tuple[Cache, ...]]
     memories: Tuple[Memory, ...]
+
+
+class BeamState:
+    """The decoder state of every hypothesis of a batch of utterances, for batched beam search:
+    per layer one self-attention cache whose row n is hypothesis n (a ``GrowingCache``, or linear
+    attention's state; None before the first step) and the cross-attention memories, one row
+    per utterance, its hypotheses utterance-major in between."""
+
+    def __init__(self, memories: Tuple[Memory, ...]):
+        self.memories = memories
+        self.caches: List[Optional[Union[GrowingCache, LinearState]]] = [None] * len(memories)
+        self.length = 0
+
+    def select(self, rows: torch.Tensor, utterances: Optional[torch.Tensor] = None) -> None:
+        """Keep the hypotheses ``rows`` (beam pruning), and the utterances ``utterances`` when
+        some leave the batch."""
+        if self.length:
+            self.caches = [select_hypotheses(cache, rows) for cache in self.caches]
+        if utterances is not None:
+            self.memories = tuple(memory.select(utterances) for memory in self.memories)
 
 
 class DecoderLayer(nn.Module):
@@ -248,10 +295,46 @@ class CachedTransformerDecoder(AbsDecoder, BatchScorerInterface):
             return (logits, layer_outputs), ys_in_lens
         return logits, ys_in_lens
 
+    def _memories(self, xs: torch.Tensor, lengths: Optional[torch.Tensor]) -> Tuple[Memory, ...]:
+        """Every layer's cross-attention memory of encoder outputs ``xs`` (utterances, frames,
+        size), padded frames beyond ``lengths`` masked out."""
+        valid = None
+        if lengths is not None and bool((lengths < xs.size(1)).any()):
+            valid = ~make_pad_mask(lengths, maxlen=xs.size(1)).to(xs.device)
+        return tuple(layer.src_attn.memory(xs, valid) for layer in self.decoders)
+
     def init_state(self, x: torch.Tensor) -> DecoderState:
         """Project the utterance's encoder output ``x`` (frames, size) into every layer's
         cross-attention memory, once; BatchBeamSearch calls this before the first step."""
-        return DecoderState(None, tuple(layer.src_attn.memory(x[None]) for layer in self.decoders))
+        return DecoderState(None, self._memories(x[None], None))
+
+    def batch_init_state(
+        self, x: torch.Tensor, xs_lengths: Optional[torch.Tensor] = None
+    ) -> DecoderState:
+        """``init_state`` of one utterance (frames, size), or of a padded batch of them
+        (utterances, frames, size) with their ``xs_lengths``, as ESPnet 202611's beam search
+        decodes with ``--batch_size``: one state whose memory rows are the utterances."""
+        if x.dim() == 2:
+            return self.init_state(x)
+        return DecoderState(None, self._memories(x, xs_lengths))
+
+    def start_beams(self, xs: torch.Tensor, lengths: torch.Tensor) -> BeamState:
+        """The state of batched beam search over encoder outputs ``xs`` (utterances, frames,
+        size) of ``lengths``: their memories, projected once."""
+        return BeamState(self._memories(xs, lengths))
+
+    def step_beams(self, tokens: torch.Tensor, state: BeamState) -> torch.Tensor:
+        """Next-token log-probabilities (hypotheses, vocab) after the tokens ``tokens``
+        (hypotheses, new tokens) that follow those of ``state``, which grows by them in place."""
+        start = state.length
+        x = self._embed(tokens, start)
+        for i, (layer, memory) in enumerate(zip(self.decoders, state.memories)):
+            x, cache = layer(x, memory, state.caches[i], start)
+            if not isinstance(state.caches[i], GrowingCache):  # a first step, or a linear state
+                state.caches[i] = growing(cache)
+        state.length = start + tokens.size(1)
+        hidden = self._final_norm(x[:, -1])
+        return hidden if self.output_layer is None else self.output_layer(hidden).log_softmax(-1)
 
     def score(
         self, ys: torch.Tensor, state: DecoderState, x: torch.Tensor
@@ -266,21 +349,22 @@ class CachedTransformerDecoder(AbsDecoder, BatchScorerInterface):
         states: List[DecoderState],
         xs: torch.Tensor,
         return_hs: bool = False,
+        xs_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[Any, List[DecoderState]]:
         """Next-token log-probabilities (hypotheses, vocab) of the prefixes ``ys``
         (hypotheses, length).
 
         Only the tokens not in the caches are run: the last one at each step, the whole prefix
-        on the first step (a primer may hold several tokens). ``xs`` is not read: the encoder
-        output was projected by ``init_state``. Returns one state per hypothesis (views into
-        this step's batched caches), with the next-token scores and, with ``return_hs``, the
-        hidden states.
+        on the first step (a primer may hold several tokens). ``xs`` and ``xs_mask`` are not
+        read: the encoder output was projected, its padding masked, by ``batch_init_state``.
+        Returns one state per hypothesis (views into this step's batched caches), with the
+        next-token scores and, with ``return_hs``, the hidden states.
         """
         memories = states[0].memories
         if any(state.memories is not memories for state in states):
             raise ValueError(
-                "batch_score got hypotheses of different utterances; a state belongs to the "
-                "utterance given to init_state (BatchBeamSearch decodes one at a time)"
+                "batch_score got hypotheses of different decodes; a state belongs to the "
+                "utterances given to init_state or batch_init_state"
             )
         n_layers = len(self.decoders)
         if states[0].caches is None:
@@ -300,3 +384,16 @@ class CachedTransformerDecoder(AbsDecoder, BatchScorerInterface):
             for b in range(ys.size(0))
         ]
         return ((logp, hidden) if return_hs else logp), states
+
+
+def cached_from_stock(
+    stock: AbsDecoder, stock_conf: dict, vocab_size: int, encoder_output_size: int
+) -> CachedTransformerDecoder:
+    """The cached decoder computing what the stock ``TransformerDecoder`` ``stock`` (built
+    from ``stock_conf``) computes, its weights loaded strictly, in the same mode and place."""
+    parameter = next(stock.parameters())
+    cached = CachedTransformerDecoder(
+        vocab_size, encoder_output_size, **cached_decoder_conf(stock_conf)
+    ).to(device=parameter.device, dtype=parameter.dtype)
+    cached.load_state_dict(stock.state_dict())
+    return cached.train(stock.training)
