@@ -146,13 +146,15 @@ def input_frames(dataset: ESPnetDataset, path_name_type: Tuple[str, str, str],
 class BatchDecoder:
     """Encodes each utterance of a batch alone, pads the outputs and decodes them at once."""
 
-    def __init__(self, speech2text: Speech2Text, search: BatchedBeamSearch, dataset, name: str):
-        self.speech2text, self.search, self.dataset, self.name = speech2text, search, dataset, name
+    def __init__(self, speech2text: Speech2Text, search: BatchedBeamSearch,
+                 audio: Callable[[str], torch.Tensor]):
+        self.speech2text, self.search, self.audio = speech2text, search, audio
         self.peak = PeakMemory(str(speech2text.device))
 
     def encode(self, key: str) -> Optional[torch.Tensor]:
-        speech = torch.as_tensor(self.dataset[key][1][self.name])[None]
-        speech = speech.to(device=self.speech2text.device, dtype=getattr(torch, self.speech2text.dtype))
+        """The encoder output (frames, size) of utterance ``key`` alone, None if too short."""
+        speech = torch.as_tensor(self.audio(key))[None].to(
+            device=self.speech2text.device, dtype=getattr(torch, self.speech2text.dtype))
         lengths = speech.new_full((1,), speech.size(1), dtype=torch.long)
         try:
             enc, _ = self.speech2text.asr_model.encode(speech, lengths)
@@ -224,7 +226,7 @@ def decode(args: argparse.Namespace, speech2text: Speech2Text, search: BatchedBe
         wanted = Path(args.key_file).read_text().split("\n")
         wanted = {line.split(maxsplit=1)[0] for line in wanted if line.strip()}
         keys = [key for key in keys if key in wanted]
-    decoder = BatchDecoder(speech2text, search, dataset, path_name_type[1])
+    decoder = BatchDecoder(speech2text, search, lambda key: dataset[key][1][path_name_type[1]])
     log_path = Path(args.output_dir) / "batches.jsonl"
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     lengths = dict(input_frames(dataset, path_name_type, keys))

@@ -16,8 +16,9 @@
 #   6  LM text (training transcripts once, --lm_train_text corpora, no evaluation sentence) and its
 #      statistics in --nj jobs (only with --use_lm true)
 #   7  LM training and its perplexity on every test set (only with --use_lm true)
-#   8  decoding with ESPnet's beam search in --inference_nj parallel jobs, merged; with
-#      --lm_weights, the LM weight is chosen first on --lm_tune_set
+#   8  decoding in --inference_nj parallel jobs, merged: utterances batched by the plugin's beam
+#      search (--inference_batch_size, --inference_batch_frames), ESPnet's search rules and
+#      results; with --lm_weights, the LM weight is chosen first on --lm_tune_set
 #   9  scoring: WER and CER with S/D/I counts, alignments and result.json per test set
 #   10 profiling of every decoded test set: decoder cache, time, real-time factor, peak memory
 #   11 comparison report over every model under exp/: tables, CSV, plots, paired bootstrap
@@ -38,6 +39,8 @@ stop_stage=11            # last stage to run
 python=python3           # the Python that has espnet_plugin installed
 nj=4                     # parallel jobs for formatting and statistics collection
 inference_nj=2           # parallel jobs for decoding
+inference_batch_size=8   # utterances decoded at once by each job (results do not depend on it)
+inference_batch_frames=0 # at most this many padded 10 ms frames a batch (0: no limit)
 ngpu=0                   # GPUs per node (0: CPU)
 num_nodes=1              # nodes for multi-node training
 launcher=local           # local (ESPnet spawns --ngpu workers) | torchrun | slurm
@@ -131,10 +134,12 @@ for n in stage stop_stage; do
         || die "unknown --${n} ${!n}: stages are ${min_stage}..${max_stage} (see --help)"
 done
 [ "${stage}" -le "${stop_stage}" ] || die "--stage ${stage} is after --stop_stage ${stop_stage}"
-for n in nj inference_nj ngpu num_nodes; do
+for n in nj inference_nj inference_batch_size inference_batch_frames ngpu num_nodes; do
     [[ ${!n} =~ ^[0-9]+$ ]] || die "--${n} '${!n}': expected a whole number"
 done
-[ "${nj}" -ge 1 ] && [ "${inference_nj}" -ge 1 ] || die "--nj and --inference_nj must be at least 1"
+for n in nj inference_nj inference_batch_size; do
+    [ "${!n}" -ge 1 ] || die "--${n} must be at least 1, got ${!n}"
+done
 one_of launcher local torchrun slurm
 one_of token_type bpe char
 one_of use_lm true false
@@ -632,7 +637,8 @@ decode_set() {  # decode_set <set> <inference args>: decode it into <decode dir 
     log "  ${dset}: ${n} jobs, logs in ${dir}/logdir/asr_inference.*.log"
     # shellcheck disable=SC2086
     run_jobs "${n}" "${dir}/logdir/asr_inference" ${python} -m espnet_plugin.bin.asr_inference \
-        --ngpu "$(( ngpu > 0 ? 1 : 0 ))" --batch_size 1 \
+        --ngpu "$(( ngpu > 0 ? 1 : 0 ))" --batch_size "${inference_batch_size}" \
+        --batch_frames "${inference_batch_frames}" \
         --data_path_and_name_and_type "${dumpdir}/raw/${dset}/wav.scp,speech,sound" \
         --key_file "${dir}/logdir/keys.JOB" --output_dir "${dir}/logdir/output.JOB" \
         "${inference_opts[@]}" ${args}
