@@ -8,6 +8,9 @@ import torch.nn.functional as F
 
 from espnet_plugin.nets.attention import (
     GroupedQueryAttention,
+    GrowingCache,
+    KVCache,
+    LatentCache,
     MultiHeadAttention,
     build_attention,
     cache_nbytes,
@@ -300,3 +303,23 @@ def test_misuse_is_reported():
         attention.memory(x)
     with pytest.raises(ValueError, match="mask"):
         attention(x, torch.ones(1, 3, 3, dtype=torch.bool))
+
+
+def test_growing_cache_holds_what_concatenation_holds_and_reorders_rows():
+    torch.manual_seed(0)
+    steps = [KVCache(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)) for _ in range(40)]
+    grown = GrowingCache(steps[0])
+    expected = steps[0]
+    for step in steps[1:]:  # past GrowingCache.GROWTH: the tensors grow and keep their contents
+        view = grown.extend(step)
+        expected = expected.extend(step)
+    assert grown.length == 40 and view.key.shape == (3, 2, 40, 4)
+    torch.testing.assert_close(tuple(view), tuple(expected), rtol=0, atol=0)
+    rows = torch.tensor([2, 0, 0])
+    grown.select(rows)
+    reordered = tuple(t[rows] for t in expected)
+    torch.testing.assert_close(tuple(grown.view()), reordered, rtol=0, atol=0)
+    latent = GrowingCache(LatentCache(torch.randn(2, 5, 3), torch.randn(2, 5, 2)))
+    new = LatentCache(torch.randn(2, 1, 3), torch.randn(2, 1, 2))
+    assert latent.extend(new).latent.shape == (2, 6, 3)
+    torch.testing.assert_close(latent.view().rope_key[:, -1:], new.rope_key, rtol=0, atol=0)
