@@ -7,7 +7,8 @@
 #
 # Stages:
 #   1  data preparation (local/data.sh) into Kaldi-style dirs under data/
-#   2  formatting into dump/raw/: every audio file decoded and checked, durations, filters, speed perturbation
+#   2  formatting into dump/raw/: every audio file decoded and checked, brought to --fs and mono,
+#      durations, filters, speed perturbation
 #   3  tokenization: sentencepiece model on the training text and ESPnet's token list
 #   4  statistics collection (ESPnet --collect_stats, nj jobs, aggregated): global MVN and shapes
 #   5  ASR training with ESPnet's trainer (CPU, GPU, multi-GPU, torchrun, slurm; resumes), or
@@ -60,6 +61,7 @@ min_wav_duration=0.1     # seconds; shorter utterances are dropped from training
 max_wav_duration=20      # seconds; longer utterances are dropped from training
 speed_perturb_factors=   # e.g. "0.9 1.0 1.1"; empty: no speed perturbation
 bad_audio=fail           # unreadable, empty or too short audio: fail (listing it) | drop (with a warning)
+resample=true            # audio at another rate than --fs: true converts it (stage 2) | false refuses it
 
 # Tokenization options
 lang=en
@@ -141,6 +143,7 @@ one_of use_lm true false
 one_of overwrite true false
 one_of dry_run true false
 one_of bad_audio fail drop
+one_of resample true false
 [ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
     || die "--train_set, --valid_set and --test_sets are required"
 [[ ${finetune_epochs} =~ ^[0-9]+$ ]] || die "--finetune_epochs '${finetune_epochs}': expected a whole number"
@@ -304,7 +307,7 @@ if runs 2; then
     log "Stage 2: formatting data/ into ${dumpdir}/raw/ (every audio file is decoded to check it)"
     for dset in "${train_set}" "${valid_set}" ${test_sets}; do
         require "data/${dset}/wav.scp" "stage 1 (data preparation)"
-        opts=(--src "data/${dset}" --bad_audio "${bad_audio}")
+        opts=(--src "data/${dset}" --bad_audio "${bad_audio}" --fs "${fs}" --resample "${resample}")
         if [ "${dset}" = "${train_set}" ]; then
             out=${train_dump}
             opts+=(--min_dur "${min_wav_duration}" --max_dur "${max_wav_duration}")
@@ -317,7 +320,13 @@ if runs 2; then
         inputs+=(--option "format_data=${opts[*]}")
         needs_work "${out}" "${inputs[@]}" || continue
         ${python} -m espnet_plugin.recipe.format_data "${opts[@]}" --nj "${nj}" --dst "${out}" --overwrite
-        stamp write --dir "${out}" "${inputs[@]}"
+        # The stamp records what was converted (not an input: a check does not compare it).
+        notes=()
+        if [ -e "${out}/converted" ]; then
+            log "  ${out}: $(wc -l < "${out}/converted") utterance(s) converted to ${fs} mono (${out}/converted)"
+            notes=(--note "converted=$(paste -sd ';' "${out}/converted")")
+        fi
+        stamp write --dir "${out}" "${inputs[@]}" "${notes[@]}"
     done
 fi
 
