@@ -103,6 +103,7 @@ usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0";
 
 # ---- option parsing: --name value or --name=value for every variable declared above ----
 command_line="$0 $*"
+run_started=$(date '+%Y-%m-%dT%H:%M:%S')
 declared_options=$(grep -oE '^[a-z_]+=' "$0" | tr -d '=')
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -262,6 +263,40 @@ add_vocabulary_size() {  # add_vocabulary_size <stats dir>: the text shapes ESPn
             > "$1/${part}/text_shape.${token_type}"
     done
 }
+
+# ---- locks: one run at a time writes each output ----
+# A run takes, before its first stage, the lock of everything its stages write: each data set
+# (stages 1-2), the token list (3), the statistics (4), the experiment (5, 8-10), the LM (6-7),
+# the report (11). A second run that would write the same stops at once, naming the run that
+# holds it; runs that write disjoint outputs (run_study.sh --jobs N: one experiment each) go on
+# side by side. flock's locks end with the processes that hold them, so a killed run leaves none.
+lock_dir=${expdir}/locks
+declare -A held_locks=()
+take_lock() {  # take_lock <output it guards> <what it is>
+    local file=${lock_dir}/${1//\//_}.lock fd holder
+    [ -z "${held_locks[${file}]:-}" ] || return 0
+    exec {fd}>>"${file}"
+    if ! flock -n "${fd}"; then
+        holder=$(cat "${file}" 2>/dev/null) || true
+        die "another run is writing $2 ($1; lock ${file}): ${holder:-a run that has not said who it is}." \
+            "Wait for it to end, or stop it; a run killed since never blocks"
+    fi
+    printf 'pid %s, started %s, command: %s\n' "$$" "${run_started}" "${command_line}" > "${file}"
+    held_locks[${file}]=${fd}
+}
+if [ "${dry_run}" = false ]; then
+    mkdir -p "${lock_dir}"
+    if runs 1 || runs 2; then
+        for dset in "${train_set}" "${valid_set}" ${test_sets}; do
+            take_lock "data/${dset}" "data set ${dset} (data/ and ${dumpdir}/raw/)"
+        done
+    fi
+    if runs 3; then take_lock "${token_dir}" "the token list"; fi
+    if runs 4 && [ -z "${finetune_from}" ]; then take_lock "${asr_stats_dir}" "the statistics"; fi
+    if runs 5 || runs 8 || runs 9 || runs 10; then take_lock "${asr_exp}" "the experiment"; fi
+    if [ "${use_lm}" = true ] && { runs 6 || runs 7; }; then take_lock "${lm_exp}" "the LM"; fi
+    if runs 11; then take_lock "${expdir}/report" "the report"; fi
+fi
 
 # ---- stamps: what each output was made from ----
 stamp() { ${python} -m espnet_plugin.recipe.stamp "$@"; }
