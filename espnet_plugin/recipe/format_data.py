@@ -191,16 +191,20 @@ def describe(check: AudioCheck) -> str:
     return f"{check.samplerate} Hz" + (f", {check.channels} channels" if check.channels > 1 else "")
 
 
+def listing(lines: list[str]) -> str:
+    """The first 20 of ``lines``, one an indented line, and how many more there are."""
+    more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
+    return "\n  ".join(lines[:20]) + more
+
+
 def refuse_other_rates(src: Path, wav_scp: dict[str, str], checks: dict[str, AudioCheck],
                        fs: int) -> None:
     """``--resample false``: a UserError listing every utterance whose audio is not at ``fs``."""
     wrong = [f"utterance '{utt}': {wav_scp[utt]} is {check.samplerate} Hz"
              for utt, check in checks.items() if not check.problem and check.samplerate != fs]
     if wrong:
-        listing = "\n  ".join(wrong[:20]) + (f"\n  ... and {len(wrong) - 20} more"
-                                             if len(wrong) > 20 else "")
         raise UserError(f"{src}/wav.scp: {len(wrong)} of {len(checks)} audio files are not at "
-                        f"--fs {fs} Hz (--resample true converts them):\n  {listing}")
+                        f"--fs {fs} Hz (--resample true converts them):\n  {listing(wrong)}")
 
 
 def select(
@@ -225,17 +229,17 @@ def select(
                 f"shorter than --min_audio_dur {min_audio_dur} s"))
     bad = [f"utterance '{utt}': {check.problem}" for utt, check in checks.items() if check.problem]
     if bad:
-        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         if bad_audio == "fail":
             raise UserError(
                 f"{src}/wav.scp: {len(bad)} of {len(checks)} audio files cannot be used "
-                f"(--bad_audio drop leaves them out):\n  {listing}"
+                f"(--bad_audio drop leaves them out):\n  {listing(bad)}"
             )
-        logging.warning(f"{src}/wav.scp: dropped {len(bad)} unusable audio files:\n  {listing}")
+        logging.warning(f"{src}/wav.scp: dropped {len(bad)} unusable audio files:\n  "
+                        f"{listing(bad)}")
     if fs is not None and not resample:
         refuse_other_rates(src, data.wav_scp, checks, fs)
     converted = [f"{utt} {data.wav_scp[utt]} {describe(check)}" for utt, check in checks.items()
-                 if not check.problem and (check.channels > 1 or check.samplerate != (fs or check.samplerate))]
+                 if not check.problem and (check.channels > 1 or fs not in (None, check.samplerate))]
     out = DataDir(wav_scp={}, text={}, utt2spk={}, utt2num_samples={})
     copies, too_short, too_long = [], [], []
     for factor in factors:
