@@ -10,7 +10,9 @@
   and the utterance): ESPnet lets soundfile's error through, which from a loader's worker process
   arrives as "<exception str() failed>". An empty file is refused there instead of failing later
   in padding. Before decoding starts, :func:`check_audio_inputs` reads every listed file's header
-  and names each utterance whose audio is missing, unreadable or empty.
+  and names each utterance whose audio is missing, unreadable or empty, or at another rate than
+  the model's frontend was trained at: ESPnet would decode a 16 kHz file with an 8 kHz model as
+  8 kHz speech, without a word, into garbage. Several channels are fine (ESPnet averages them).
 """
 
 import argparse
@@ -19,8 +21,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import humanfriendly
 import soundfile
 import torch
+import yaml
 from espnet2.fileio.sound_scp import SoundScpReader
 from espnet2.train import iterable_dataset
 from espnet2.train.trainer import Trainer
@@ -95,14 +99,32 @@ def _named_sound_file(read):
     return wrapper
 
 
+def model_rate(asr_train_config: str | None) -> int | None:
+    """The sampling rate a model's frontend expects: ``frontend_conf.fs`` of its config.yaml,
+    ESPnet's default 16k where absent; None without a config or a frontend (it reads features)."""
+    if asr_train_config is None:
+        return None
+    try:
+        config = yaml.safe_load(Path(asr_train_config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"--asr_train_config {asr_train_config}: cannot read it ({err})") from None
+    if config.get("frontend", "default") is None:
+        return None
+    fs = (config.get("frontend_conf") or {}).get("fs", "16k")
+    return int(humanfriendly.parse_size(fs) if isinstance(fs, str) else fs)
+
+
 def check_audio_inputs(argv: Sequence[str]) -> None:
     """Every utterance a decoding program is about to read (``--data_path_and_name_and_type
-    <wav.scp>,speech,sound``, restricted to ``--key_file``): its file exists, its header reads and
-    it holds samples; a UserError lists the utterances that fail."""
+    <wav.scp>,speech,sound``, restricted to ``--key_file``): its file exists, its header reads,
+    it holds samples and it is at the rate of ``--asr_train_config``'s frontend; a UserError lists
+    the utterances that fail."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--data_path_and_name_and_type", action="append", default=[])
     parser.add_argument("--key_file")
+    parser.add_argument("--asr_train_config")
     args, _ = parser.parse_known_args(argv)
+    fs = model_rate(args.asr_train_config)
     keys = None if args.key_file is None else set(
         read_table(args.key_file, empty_ok=True, value_name="key", sorted_ids=False))
     problems = []
@@ -114,12 +136,17 @@ def check_audio_inputs(argv: Sequence[str]) -> None:
             if keys is not None and utt not in keys:
                 continue
             try:
-                frames = soundfile.info(path).frames
+                info = soundfile.info(path)
             except (RuntimeError, OSError) as err:
                 problems.append(f"utterance '{utt}': cannot read audio file {path}: {err}")
                 continue
-            if frames == 0:
+            if info.frames == 0:
                 problems.append(f"utterance '{utt}': audio file {path} is empty (0 samples)")
+            elif fs is not None and info.samplerate != fs:
+                problems.append(
+                    f"utterance '{utt}': audio file {path} is {info.samplerate} Hz, but the "
+                    f"model's frontend takes {fs} Hz (frontend_conf fs of "
+                    f"{args.asr_train_config}); resample it (asr.sh stage 2 does)")
         if problems:
             raise UserError(f"{scp}: {len(problems)} utterance(s) cannot be decoded:\n  "
                             + "\n  ".join(problems[:20]))

@@ -204,3 +204,86 @@ def test_empty_and_too_short_audio_in_a_test_set(tmp_path, caplog):
         out = format_data(src, tmp_path / "dst", min_audio_dur=0.1, bad_audio="drop")
     assert out.utts == ["a-1"]
     assert "dropped 2 unusable audio files" in caplog.text
+
+
+def voiced(rate: int, seconds: float = 1.0) -> np.ndarray:
+    """A vowel-like sound (a gliding 120-180 Hz pitch, harmonics up to 3.5 kHz), the same
+    waveform evaluated at any ``rate``: a reference for conversion that no resampler made."""
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * (120 * t + 30 * t**2)
+    f0 = 120 + 60 * t
+    wave = sum(np.sin(k * phase) / k for k in range(1, 30) if np.all(k * f0 < 3500))
+    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
+
+
+def rates_data_dir(tmp_path, files: dict[str, tuple[int, int]]):
+    """A data dir whose utterance ``utt`` is :func:`voiced` at ``files[utt] = (rate, channels)``."""
+    lines = []
+    for utt, (rate, channels) in sorted(files.items()):
+        path = tmp_path / "audio" / f"{utt}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(path, np.repeat(voiced(rate)[:, None], channels, axis=1), rate,
+                        subtype="PCM_16")
+        lines.append(f"{utt} {path}")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "wav.scp").write_text("".join(f"{line}\n" for line in lines))
+    (src / "text").write_text("".join(f"{u} A WORD\n" for u in sorted(files)))
+    (src / "utt2spk").write_text("".join(f"{u} {u.split('-')[0]}\n" for u in sorted(files)))
+    (src / "spk2utt").write_text(f"a {' '.join(sorted(files))}\n")
+    return src
+
+
+def test_other_rates_and_channels_are_brought_to_fs_and_mono(tmp_path, caplog):
+    """16 kHz, 44.1 kHz and stereo files in an 8 kHz set come out as the 8 kHz original; the
+    8 kHz mono file is listed as it is, not copied."""
+    files = {"a-8k": (8000, 1), "a-16k": (16000, 1), "a-44k": (44100, 1), "a-stereo": (8000, 2)}
+    src = rates_data_dir(tmp_path, files)
+    original_bytes = (tmp_path / "audio" / "a-8k.wav").read_bytes()
+    with caplog.at_level(logging.INFO):
+        out = format_data(src, tmp_path / "dst", fs=8000)
+    assert out.wav_scp["a-8k"] == str(tmp_path / "audio" / "a-8k.wav")
+    assert (tmp_path / "audio" / "a-8k.wav").read_bytes() == original_bytes
+    reference = voiced(8000)
+    for utt in ("a-16k", "a-44k", "a-stereo"):
+        assert out.wav_scp[utt] == str((tmp_path / "dst" / "audio" / "converted" / f"{utt}.flac"))
+        wave, rate = soundfile.read(out.wav_scp[utt], dtype="float32")
+        assert rate == 8000 and wave.ndim == 1
+        assert len(wave) == out.utt2num_samples[utt] == len(reference)
+        inner = slice(100, -100)  # the resampler's filter sees past the ends of the file
+        error = wave[inner] - reference[inner]
+        snr = 10 * np.log10(np.sum(reference[inner] ** 2) / np.sum(error**2))
+        assert np.corrcoef(wave[inner], reference[inner])[0, 1] > 0.999 and snr > 30, (utt, snr)
+    assert (tmp_path / "dst" / "converted").read_text().splitlines() == [
+        f"a-16k {tmp_path}/audio/a-16k.wav 16000 Hz",
+        f"a-44k {tmp_path}/audio/a-44k.wav 44100 Hz",
+        f"a-stereo {tmp_path}/audio/a-stereo.wav 8000 Hz, 2 channels",
+    ]
+    assert "converting 3 utterances to 8000 Hz mono" in caplog.text
+    # A re-run writes nothing again, and data at --fs leaves no record of conversions.
+    mtime = (tmp_path / "dst" / "audio" / "converted" / "a-44k.flac").stat().st_mtime_ns
+    assert format_data(src, tmp_path / "dst", fs=8000) == out
+    assert (tmp_path / "dst" / "audio" / "converted" / "a-44k.flac").stat().st_mtime_ns == mtime
+
+
+def test_speed_perturbation_of_another_rate_is_one_resampling(tmp_path):
+    src = rates_data_dir(tmp_path, {"a-44k": (44100, 1)})
+    out = format_data(src, tmp_path / "dst", 0.1, 20.0, parse_factors("0.9 1.0"), fs=8000)
+    wave, rate = soundfile.read(out.wav_scp["sp0.9-a-44k"], dtype="float32")
+    assert rate == 8000 and len(wave) == out.utt2num_samples["sp0.9-a-44k"] == -(-8000 * 10 // 9)
+    # Played 0.9 times as fast: the sound sampled 8000 / 0.9 times a second, read at 8000.
+    reference = voiced(8000 / 0.9)
+    inner = slice(100, len(reference) - 100)
+    assert np.corrcoef(wave[inner], reference[inner])[0, 1] > 0.999
+
+
+def test_resample_false_refuses_other_rates_by_name(tmp_path):
+    src = rates_data_dir(tmp_path, {"a-8k": (8000, 1), "a-16k": (16000, 1), "a-44k": (44100, 2)})
+    with pytest.raises(UserError) as err:
+        format_data(src, tmp_path / "dst", fs=8000, resample=False)
+    assert str(err.value) == (
+        f"{src}/wav.scp: 2 of 3 audio files are not at --fs 8000 Hz (--resample true converts "
+        f"them):\n  utterance 'a-16k': {tmp_path}/audio/a-16k.wav is 16000 Hz"
+        f"\n  utterance 'a-44k': {tmp_path}/audio/a-44k.wav is 44100 Hz"
+    )
+    assert not (tmp_path / "dst").exists()

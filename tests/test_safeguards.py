@@ -112,3 +112,46 @@ def test_a_loader_worker_names_the_file(tmp_path):
     safeguards.install()
     with pytest.raises(RuntimeError, match=r"cannot read audio file .*gone.wav"):
         iterable_dataset.DATA_TYPES["sound"](str(tmp_path / "gone.wav"))
+
+
+def write_config(path, frontend_conf=None, frontend="default"):
+    config = {"frontend": frontend, **({"frontend_conf": frontend_conf} if frontend_conf else {})}
+    path.write_text(__import__("yaml").safe_dump(config))
+    return path
+
+
+def test_decoding_refuses_audio_at_another_rate_than_the_model_by_name(tmp_path):
+    """The decoding program itself (before the model loads): a 16 kHz and a 44.1 kHz file for an
+    8 kHz model are named with their rate; the 8 kHz one, stereo included, passes."""
+    for name, rate, channels in (("ok", 8000, 1), ("stereo", 8000, 2), ("wide", 16000, 1),
+                                 ("cd", 44100, 1)):
+        soundfile.write(tmp_path / f"{name}.wav", np.full((800, channels), 0.1, "float32"), rate)
+    scp = tmp_path / "wav.scp"
+    scp.write_text("".join(f"{n} {tmp_path / n}.wav\n" for n in ("cd", "ok", "stereo", "wide")))
+    config = write_config(tmp_path / "config.yaml", {"fs": "8k", "n_fft": 256})
+    result = subprocess.run(
+        [sys.executable, "-m", "espnet_plugin.bin.asr_inference", "--asr_train_config",
+         str(config), "--asr_model_file", str(tmp_path / "model.pth"),
+         "--data_path_and_name_and_type", f"{scp},speech,sound", "--output_dir",
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    error = result.stderr[result.stderr.index("espnet_plugin.bin.asr_inference: error:"):]
+    assert error.strip().splitlines() == [
+        f"espnet_plugin.bin.asr_inference: error: {scp}: 2 utterance(s) cannot be decoded:",
+        f"  utterance 'cd': audio file {tmp_path}/cd.wav is 44100 Hz, but the model's frontend "
+        f"takes 8000 Hz (frontend_conf fs of {config}); resample it (asr.sh stage 2 does)",
+        f"  utterance 'wide': audio file {tmp_path}/wide.wav is 16000 Hz, but the model's "
+        f"frontend takes 8000 Hz (frontend_conf fs of {config}); resample it (asr.sh stage 2 "
+        "does)",
+    ]
+    keys = tmp_path / "keys"
+    keys.write_text("ok\nstereo\n")
+    safeguards.check_audio_inputs(["--asr_train_config", str(config), "--key_file", str(keys),
+                                   "--data_path_and_name_and_type", f"{scp},speech,sound"])
+
+
+def test_the_model_rate_is_espnets_default_without_fs_and_none_without_frontend(tmp_path):
+    assert safeguards.model_rate(str(write_config(tmp_path / "a.yaml", {"n_fft": 512}))) == 16000
+    assert safeguards.model_rate(str(write_config(tmp_path / "b.yaml", {"fs": 44100}))) == 44100
+    assert safeguards.model_rate(str(write_config(tmp_path / "c.yaml", frontend=None))) is None
+    assert safeguards.model_rate(None) is None

@@ -3,11 +3,16 @@
 Decodes every audio file once, in ``--nj`` processes, so that a file that is unreadable (a FLAC
 cut short included), empty or shorter than ``--min_audio_dur`` is found here, by
 utterance id and path, and not hours later in training or decoding: the step fails with the list,
-or drops them with a warning under ``--bad_audio drop``. Adds ``utt2num_samples``, drops
-utterances outside the duration limits or with empty transcripts, and adds speed-perturbed copies
-when asked: the Kaldi/ESPnet recipe augmentation, with ``sp<factor>-`` prefixed utterance and
-speaker ids and the perturbed audio written once to ``<dst>/audio/sp<factor>/`` so training only
-reads files.
+or drops them with a warning under ``--bad_audio drop``. Audio at another rate than ``--fs``, or
+with several channels, is brought to ``--fs`` and mono once, into ``<dst>/audio/converted/``
+(``--resample false`` refuses another rate instead, listing it): a model hears every set at the
+rate it was trained at, where a 16 kHz file in an 8 kHz set would otherwise be decoded as
+8 kHz speech. Files already at ``--fs`` and mono are listed as they are, not copied. Adds
+``utt2num_samples``, drops utterances outside the duration limits or with empty transcripts, and
+adds speed-perturbed copies when asked: the Kaldi/ESPnet recipe augmentation, with
+``sp<factor>-`` prefixed utterance and speaker ids and the perturbed audio written once to
+``<dst>/audio/sp<factor>/`` so training only reads files. Conversion and perturbation are one
+resampling (torchaudio's), made from the original file.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
+import humanfriendly
 import numpy as np
 import soundfile
 import torch
@@ -57,30 +63,36 @@ def perturbation_name(factor: Fraction) -> str:
     return f"sp{float(factor):g}"
 
 
-def perturbed_length(num_samples: int, factor: Fraction) -> int:
-    """Samples after speeding up by ``factor``: ceil(num_samples / factor), as resampling gives."""
-    return -(-num_samples * factor.denominator // factor.numerator)
+def converted_length(num_samples: int, rate: int, fs: int, factor: Fraction) -> int:
+    """Samples of ``num_samples`` at ``rate`` brought to ``fs`` and sped up by ``factor``:
+    ceil(num_samples * fs / (rate * factor)), as torchaudio's resampling gives."""
+    return -(-num_samples * fs * factor.denominator // (rate * factor.numerator))
 
 
-def speed_perturb(wave: np.ndarray, factor: Fraction) -> np.ndarray:
-    """Play ``wave`` (frames, channels) ``factor`` times faster, like sox ``speed``.
+def convert(wave: np.ndarray, rate: int, fs: int, factor: Fraction) -> np.ndarray:
+    """``wave`` (frames, channels) at ``rate`` -> mono at ``fs``, ``factor`` times faster.
 
-    Reading the samples as if recorded at ``factor`` times the rate and resampling back keeps the
-    sample rate and scales duration by 1/factor; pitch moves with it, as in Kaldi and ESPnet.
+    Speeding up is reading the samples as if recorded at ``factor`` times the rate (like sox
+    ``speed``; pitch moves with it, as in Kaldi and ESPnet), so both are one resampling from
+    ``rate * factor`` to ``fs``. Channels are averaged.
     """
-    signal = torch.from_numpy(np.ascontiguousarray(wave.T))
-    faster = torchaudio.functional.resample(signal, factor.numerator, factor.denominator)
-    return faster.T.numpy()
+    signal = torch.from_numpy(np.ascontiguousarray(wave.mean(axis=1, dtype=np.float32)))
+    orig, new = rate * factor.numerator, fs * factor.denominator
+    if orig != new:
+        signal = torchaudio.functional.resample(signal, orig, new)
+    return signal.numpy()[:, None]
 
 
-class PerturbedCopy(NamedTuple):
-    """One speed-perturbed audio file: made from ``source``, ``num_samples`` long."""
+class AudioCopy(NamedTuple):
+    """One audio file written by this step (converted, perturbed or both): made from ``source``
+    (at ``source_rate``), ``num_samples`` long at ``samplerate``."""
 
     source: str
     target: str
     factor: Fraction
     num_samples: int
     samplerate: int
+    source_rate: int
 
     def exists(self) -> bool:
         """Whether ``target`` already holds a copy of the expected length and rate."""
@@ -91,13 +103,24 @@ class PerturbedCopy(NamedTuple):
         return info.frames == self.num_samples and info.samplerate == self.samplerate
 
 
-def write_perturbed(copy: PerturbedCopy) -> None:
-    """Write one perturbed copy as 16-bit FLAC, atomically."""
+def write_copy(copy: AudioCopy) -> None:
+    """Write one copy as 16-bit mono FLAC, atomically."""
     wave, rate = soundfile.read(copy.source, dtype="float32", always_2d=True)
-    faster = np.clip(speed_perturb(wave, copy.factor), -1.0, 1.0)
+    out = np.clip(convert(wave, rate, copy.samplerate, copy.factor), -1.0, 1.0)
     tmp = f"{copy.target}.partial"
-    soundfile.write(tmp, faster, rate, format="FLAC", subtype="PCM_16")
+    soundfile.write(tmp, out, copy.samplerate, format="FLAC", subtype="PCM_16")
     os.replace(tmp, copy.target)
+
+
+def parse_rate(spec: str) -> int:
+    """``--fs``: ``8k``, ``16000`` -> samples per second (ESPnet's notation)."""
+    try:
+        rate = int(humanfriendly.parse_size(spec))
+    except humanfriendly.InvalidSize as err:
+        raise UserError(f"--fs {spec!r}: {err}") from err
+    if rate <= 0:
+        raise UserError(f"--fs {spec!r}: expected a positive rate like 8k or 16000")
+    return rate
 
 
 def _single_thread() -> None:
@@ -125,11 +148,12 @@ BAD_AUDIO = ("fail", "drop")
 
 
 class AudioCheck(NamedTuple):
-    """One audio file decoded whole: its length and rate, or why it cannot be used."""
+    """One audio file decoded whole: its length, rate and channels, or why it cannot be used."""
 
     num_samples: int
     samplerate: int
     problem: str | None
+    channels: int = 1
 
 
 def check_audio(path: str) -> AudioCheck:
@@ -137,13 +161,13 @@ def check_audio(path: str) -> AudioCheck:
     midway has an intact header; only its decoder finds the missing frames)."""
     try:
         with soundfile.SoundFile(path) as f:
-            rate = f.samplerate
+            rate, channels = f.samplerate, f.channels
             decoded = len(f.read(dtype="float32", always_2d=True))
     except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError: missing, corrupt, odd
         return AudioCheck(0, 0, f"cannot read audio file {path}: {err}")
     if decoded == 0:
         return AudioCheck(0, rate, f"{path} is empty (0 samples)")
-    return AudioCheck(decoded, rate, None)
+    return AudioCheck(decoded, rate, None, channels)
 
 
 def check_all_audio(wav_scp: dict[str, str], nj: int) -> dict[str, AudioCheck]:
@@ -162,13 +186,36 @@ def check_all_audio(wav_scp: dict[str, str], nj: int) -> dict[str, AudioCheck]:
     return checks
 
 
+def describe(check: AudioCheck) -> str:
+    """``44100 Hz, 2 channels``: what a file is, as the log and the errors name it."""
+    return f"{check.samplerate} Hz" + (f", {check.channels} channels" if check.channels > 1 else "")
+
+
+def listing(lines: list[str]) -> str:
+    """The first 20 of ``lines``, one an indented line, and how many more there are."""
+    more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
+    return "\n  ".join(lines[:20]) + more
+
+
+def refuse_other_rates(src: Path, wav_scp: dict[str, str], checks: dict[str, AudioCheck],
+                       fs: int) -> None:
+    """``--resample false``: a UserError listing every utterance whose audio is not at ``fs``."""
+    wrong = [f"utterance '{utt}': {wav_scp[utt]} is {check.samplerate} Hz"
+             for utt, check in checks.items() if not check.problem and check.samplerate != fs]
+    if wrong:
+        raise UserError(f"{src}/wav.scp: {len(wrong)} of {len(checks)} audio files are not at "
+                        f"--fs {fs} Hz (--resample true converts them):\n  {listing(wrong)}")
+
+
 def select(
     src: Path, dst: Path, min_dur: float, max_dur: float, factors: list[Fraction],
     min_audio_dur: float = 0.0, bad_audio: str = "fail", nj: int = 1,
-) -> tuple[DataDir, list[PerturbedCopy]]:
-    """The output tables, originals and ``sp<factor>-`` copies within the duration limits, and
-    the perturbed files they refer to; every audio file is decoded to check it (see the module
-    docstring).
+    fs: int | None = None, resample: bool = True,
+) -> tuple[DataDir, list[AudioCopy], list[str]]:
+    """The output tables, originals and ``sp<factor>-`` copies within the duration limits, the
+    files to write that they refer to (converted to ``fs`` and mono, perturbed), and one line per
+    converted utterance; every audio file is decoded to check it (see the module docstring).
+    ``fs`` None keeps each file's own rate.
     """
     data = read_data_dir(src, allow_empty_text=True)
     empty = [utt for utt in data.utts if not data.text[utt].strip()]
@@ -182,32 +229,40 @@ def select(
                 f"shorter than --min_audio_dur {min_audio_dur} s"))
     bad = [f"utterance '{utt}': {check.problem}" for utt, check in checks.items() if check.problem]
     if bad:
-        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         if bad_audio == "fail":
             raise UserError(
                 f"{src}/wav.scp: {len(bad)} of {len(checks)} audio files cannot be used "
-                f"(--bad_audio drop leaves them out):\n  {listing}"
+                f"(--bad_audio drop leaves them out):\n  {listing(bad)}"
             )
-        logging.warning(f"{src}/wav.scp: dropped {len(bad)} unusable audio files:\n  {listing}")
+        logging.warning(f"{src}/wav.scp: dropped {len(bad)} unusable audio files:\n  "
+                        f"{listing(bad)}")
+    if fs is not None and not resample:
+        refuse_other_rates(src, data.wav_scp, checks, fs)
+    converted = [f"{utt} {data.wav_scp[utt]} {describe(check)}" for utt, check in checks.items()
+                 if not check.problem and (check.channels > 1 or fs not in (None, check.samplerate))]
     out = DataDir(wav_scp={}, text={}, utt2spk={}, utt2num_samples={})
     copies, too_short, too_long = [], [], []
     for factor in factors:
         prefix = "" if factor == 1 else f"{perturbation_name(factor)}-"
-        audio_dir = (dst / "audio" / perturbation_name(factor)).resolve()
+        audio_dir = (dst / "audio" / ("converted" if factor == 1 else perturbation_name(factor))
+                     ).resolve()
         for utt, check in checks.items():
             if check.problem:
                 continue
-            new_utt, num_samples = prefix + utt, perturbed_length(check.num_samples, factor)
-            duration = num_samples / check.samplerate
+            rate = fs or check.samplerate
+            new_utt = prefix + utt
+            num_samples = converted_length(check.num_samples, check.samplerate, rate, factor)
+            duration = num_samples / rate
             if duration < min_dur or duration > max_dur:
                 (too_short if duration < min_dur else too_long).append(new_utt)
                 continue
             source = data.wav_scp[utt]
-            if factor == 1:
-                out.wav_scp[new_utt] = source
+            if factor == 1 and check.samplerate == rate and check.channels == 1:
+                out.wav_scp[new_utt] = source  # as it is: no copy
             else:
                 target = str(audio_dir / f"{utt}.flac")
-                copies.append(PerturbedCopy(source, target, factor, num_samples, check.samplerate))
+                copies.append(AudioCopy(source, target, factor, num_samples, rate,
+                                        check.samplerate))
                 out.wav_scp[new_utt] = target
             out.text[new_utt] = data.text[utt]
             out.utt2spk[new_utt] = prefix + data.utt2spk[utt]
@@ -218,7 +273,11 @@ def select(
     ):
         if dropped:
             logging.info(f"dropped {len(dropped)} utterances {what}: {dropped}")
-    return out, copies
+    if converted:
+        logging.info(f"converting {len(converted)} utterances to {fs or 'their own rate'}"
+                     f"{' Hz' if fs else ''} mono (utterance, file, what it is):\n  "
+                     + "\n  ".join(converted))
+    return out, copies, converted
 
 
 def format_data(
@@ -231,8 +290,12 @@ def format_data(
     nj: int = 1,
     min_audio_dur: float = 0.0,
     bad_audio: str = "fail",
+    fs: int | None = None,
+    resample: bool = True,
 ) -> DataDir:
-    """Write the formatted (and perturbed) copy of ``src`` to ``dst``; returns what was written.
+    """Write the formatted (converted, perturbed) copy of ``src`` to ``dst``; returns what was
+    written. ``<dst>/converted`` lists the utterances brought to ``fs`` and mono (utterance,
+    original file, its rate and channels); it is absent when none was.
 
     Everything that would change is checked before anything is written: a different existing
     output is refused (unless ``overwrite``), an identical one is left untouched.
@@ -246,8 +309,9 @@ def format_data(
         raise UserError(f"--nj {nj}: need at least 1 process")
     if bad_audio not in BAD_AUDIO:
         raise UserError(f"--bad_audio {bad_audio!r}: expected one of {', '.join(BAD_AUDIO)}")
-    out, copies = select(src, dst, min_dur, max_dur, speed_perturb_factors or [Fraction(1)],
-                         min_audio_dur, bad_audio, nj)
+    out, copies, converted = select(src, dst, min_dur, max_dur,
+                                    speed_perturb_factors or [Fraction(1)], min_audio_dur,
+                                    bad_audio, nj, fs, resample)
     out.check(dst)
     todo = [copy for copy in copies if not copy.exists()]
     changed = conflicts(out, dst) + [c.target for c in todo if os.path.exists(c.target)]
@@ -257,12 +321,18 @@ def format_data(
             f"{' ...' if len(changed) > 5 else ''} would change); remove it or pass --overwrite"
         )
     if todo:
-        logging.info(f"writing {len(todo)} speed-perturbed files under {dst / 'audio'}")
+        logging.info(f"writing {len(todo)} converted or speed-perturbed files under "
+                     f"{dst / 'audio'}")
         for folder in {Path(copy.target).parent for copy in todo}:
             folder.mkdir(parents=True, exist_ok=True)
         with worker_pool(nj) as pool_map:
-            list(pool_map(write_perturbed, todo))
+            list(pool_map(write_copy, todo))
     write_data_dir(out, dst, overwrite=overwrite)
+    record = dst / "converted"
+    if converted:
+        record.write_text("".join(f"{line}\n" for line in converted), encoding="utf-8")
+    elif record.exists():
+        record.unlink()
     return out
 
 
@@ -291,6 +361,11 @@ def get_parser() -> argparse.ArgumentParser:
                         help="seconds; shorter audio is unusable (for sets without --min_dur)")
     parser.add_argument("--bad_audio", choices=BAD_AUDIO, default="fail",
                         help="unusable audio: fail listing it, or drop it with a warning")
+    parser.add_argument("--fs", type=parse_rate, default=None,
+                        help="the recipe's rate (8k, 16000): other rates are converted to it "
+                             "(default: every file keeps its own)")
+    parser.add_argument("--resample", choices=("true", "false"), default="true",
+                        help="false: audio at another rate than --fs is refused, listed")
     parser.add_argument("--nj", type=int, default=1,
                         help="processes decoding and writing audio")
     add_overwrite_option(parser)
@@ -309,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         nj=args.nj,
         min_audio_dur=args.min_audio_dur,
         bad_audio=args.bad_audio,
+        fs=args.fs,
+        resample=args.resample == "true",
     )
 
 

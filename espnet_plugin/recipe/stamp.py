@@ -100,6 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--file", action="append", default=[], help="an input file")
     parser.add_argument("--config", action="append", default=[],
                         help="<yaml file>:<key>[,<key>...]: config sections the output depends on")
+    parser.add_argument("--note", action="append", default=[],
+                        help="write: <name>=<text> recorded of how it was made, never compared")
     args = parser.parse_args(argv)
     stamp = make_stamp(args.option, args.file, args.config)
     if args.action == "digest":  # what the inputs hold, wherever they are
@@ -113,6 +115,8 @@ def main(argv=None) -> None:
     if args.action == "write":
         if not args.dir.is_dir():
             raise UserError(f"--dir {args.dir} does not exist: nothing was made there")
+        if args.note:
+            stamp["notes"] = dict(note.partition("=")[::2] for note in args.note)
         tmp = path.with_name(STAMP_FILE + ".partial")
         tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         tmp.replace(path)

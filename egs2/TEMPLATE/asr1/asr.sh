@@ -7,7 +7,8 @@
 #
 # Stages:
 #   1  data preparation (local/data.sh) into Kaldi-style dirs under data/
-#   2  formatting into dump/raw/: every audio file decoded and checked, durations, filters, speed perturbation
+#   2  formatting into dump/raw/: every audio file decoded and checked, brought to --fs and mono,
+#      durations, filters, speed perturbation
 #   3  tokenization: sentencepiece model on the training text and ESPnet's token list
 #   4  statistics collection (ESPnet --collect_stats, nj jobs, aggregated): global MVN and shapes
 #   5  ASR training with ESPnet's trainer (CPU, GPU, multi-GPU, torchrun, slurm; resumes), or
@@ -63,6 +64,7 @@ min_wav_duration=0.1     # seconds; shorter utterances are dropped from training
 max_wav_duration=20      # seconds; longer utterances are dropped from training
 speed_perturb_factors=   # e.g. "0.9 1.0 1.1"; empty: no speed perturbation
 bad_audio=fail           # unreadable, empty or too short audio: fail (listing it) | drop (with a warning)
+resample=true            # audio at another rate than --fs: true converts it (stage 2) | false refuses it
 
 # Tokenization options
 lang=en
@@ -104,6 +106,7 @@ usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0";
 
 # ---- option parsing: --name value or --name=value for every variable declared above ----
 command_line="$0 $*"
+run_started=$(date '+%Y-%m-%dT%H:%M:%S')
 declared_options=$(grep -oE '^[a-z_]+=' "$0" | tr -d '=')
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -146,6 +149,7 @@ one_of use_lm true false
 one_of overwrite true false
 one_of dry_run true false
 one_of bad_audio fail drop
+one_of resample true false
 [ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
     || die "--train_set, --valid_set and --test_sets are required"
 [[ ${finetune_epochs} =~ ^[0-9]+$ ]] || die "--finetune_epochs '${finetune_epochs}': expected a whole number"
@@ -265,6 +269,40 @@ add_vocabulary_size() {  # add_vocabulary_size <stats dir>: the text shapes ESPn
     done
 }
 
+# ---- locks: one run at a time writes each output ----
+# A run takes, before its first stage, the lock of everything its stages write: each data set
+# (stages 1-2), the token list (3), the statistics (4), the experiment (5, 8-10), the LM (6-7),
+# the report (11). A second run that would write the same stops at once, naming the run that
+# holds it; runs that write disjoint outputs (run_study.sh --jobs N: one experiment each) go on
+# side by side. flock's locks end with the processes that hold them, so a killed run leaves none.
+lock_dir=${expdir}/locks
+declare -A held_locks=()
+take_lock() {  # take_lock <output it guards> <what it is>
+    local file=${lock_dir}/${1//\//_}.lock fd holder
+    [ -z "${held_locks[${file}]:-}" ] || return 0
+    exec {fd}>>"${file}"
+    if ! flock -n "${fd}"; then
+        holder=$(cat "${file}" 2>/dev/null) || true
+        die "another run is writing $2 ($1; lock ${file}): ${holder:-a run that has not said who it is}." \
+            "Wait for it to end, or stop it; a run killed since never blocks"
+    fi
+    printf 'pid %s, started %s, command: %s\n' "$$" "${run_started}" "${command_line}" > "${file}"
+    held_locks[${file}]=${fd}
+}
+if [ "${dry_run}" = false ]; then
+    mkdir -p "${lock_dir}"
+    if runs 1 || runs 2; then
+        for dset in "${train_set}" "${valid_set}" ${test_sets}; do
+            take_lock "data/${dset}" "data set ${dset} (data/ and ${dumpdir}/raw/)"
+        done
+    fi
+    if runs 3; then take_lock "${token_dir}" "the token list"; fi
+    if runs 4 && [ -z "${finetune_from}" ]; then take_lock "${asr_stats_dir}" "the statistics"; fi
+    if runs 5 || runs 8 || runs 9 || runs 10; then take_lock "${asr_exp}" "the experiment"; fi
+    if [ "${use_lm}" = true ] && { runs 6 || runs 7; }; then take_lock "${lm_exp}" "the LM"; fi
+    if runs 11; then take_lock "${expdir}/report" "the report"; fi
+fi
+
 # ---- stamps: what each output was made from ----
 stamp() { ${python} -m espnet_plugin.recipe.stamp "$@"; }
 needs_work() {  # needs_work <dir> <stamp inputs...>: true when <dir> must be (re)made; logs why
@@ -309,7 +347,7 @@ if runs 2; then
     log "Stage 2: formatting data/ into ${dumpdir}/raw/ (every audio file is decoded to check it)"
     for dset in "${train_set}" "${valid_set}" ${test_sets}; do
         require "data/${dset}/wav.scp" "stage 1 (data preparation)"
-        opts=(--src "data/${dset}" --bad_audio "${bad_audio}")
+        opts=(--src "data/${dset}" --bad_audio "${bad_audio}" --fs "${fs}" --resample "${resample}")
         if [ "${dset}" = "${train_set}" ]; then
             out=${train_dump}
             opts+=(--min_dur "${min_wav_duration}" --max_dur "${max_wav_duration}")
@@ -322,7 +360,13 @@ if runs 2; then
         inputs+=(--option "format_data=${opts[*]}")
         needs_work "${out}" "${inputs[@]}" || continue
         ${python} -m espnet_plugin.recipe.format_data "${opts[@]}" --nj "${nj}" --dst "${out}" --overwrite
-        stamp write --dir "${out}" "${inputs[@]}"
+        # The stamp records what was converted (not an input: a check does not compare it).
+        notes=()
+        if [ -e "${out}/converted" ]; then
+            log "  ${out}: $(wc -l < "${out}/converted") utterance(s) converted to ${fs} mono (${out}/converted)"
+            notes=(--note "converted=$(paste -sd ';' "${out}/converted")")
+        fi
+        stamp write --dir "${out}" "${inputs[@]}" "${notes[@]}"
     done
 fi
 
