@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--espnet_202611_python",
                         help="a Python with espnet 202611 and this plugin: its batched search "
                              "too, at the same batch sizes")
+    parser.add_argument("--espnet_202611_batch_sizes", type=int, nargs="+",
+                        help="its batch sizes (default: --batch_sizes)")
     parser.add_argument("--ngpu", type=int, default=0)
     parser.add_argument("--output_json", default="benchmark_decoding.json")
     parser.add_argument("--worker", choices=("espnet_batched",), help=argparse.SUPPRESS)
@@ -118,7 +120,7 @@ def row(name: str, tokens: dict, seconds: float, peak: int, audio_seconds: float
 
 def worker(args) -> None:
     """ESPnet 202611's own batched search (run under that release's Python), as JSON lines."""
-    for batch_size in args.batch_sizes:
+    for batch_size in args.espnet_202611_batch_sizes or args.batch_sizes:
         speech2text = speech2text_of(args, batch_size)
         utts = utterances(args, speech2text)
         speech2text([utts[-1][1]] * min(batch_size, 2))  # warm-up
