@@ -206,3 +206,15 @@ def test_fine_tuned_seeds_must_be_seeds_of_the_source(recipe_dir, monkeypatch):
                              "ft": {"finetune_from": "a", "seeds": [2]}})
     with pytest.raises(UserError, match="model ft: seeds \\[2\\] are not all seeds"):
         load_study(Path("conf/study.yaml"), None)
+
+
+def test_the_seeds_of_a_model_are_trained_with_their_seed_and_share_its_statistics(recipe_dir):
+    write_study(recipe_dir, {"a": {"asr_config": "conf/a.yaml", "seeds": [0, 1]}})
+    assert study(recipe_dir).returncode == 0
+    made = calls(recipe_dir)
+    stats = [c for c in made if c["args"][2:6] == ["--stage", "4", "--stop_stage", "4"]]
+    assert len(stats) == 1
+    trained = {c["args"][c["args"].index("--asr_tag") + 1]: c["args"] for c in made
+               if c["args"][2:4] == ["--stage", "5"] and "--dry_run" not in c["args"]}
+    assert set(trained) == {"a_seed0", "a_seed1"}
+    assert trained["a_seed1"][trained["a_seed1"].index("--asr_args") + 1] == "--seed 1"

@@ -280,8 +280,10 @@ def main(argv=None) -> None:
     if not args.dry_run:
         say("stages 1-3: data, formatting, tokens")
         recipe.run("prepare", "--stage", "1", "--stop_stage", "3")
-        for model in models:  # the statistics of every frontend, before models run side by side
-            if "asr_config" in model.options:
+        configs = set()  # the statistics of every frontend, before models run side by side
+        for model in models:  # once per config: the seeds of a model share theirs
+            if "asr_config" in model.options and model.options["asr_config"] not in configs:
+                configs.add(model.options["asr_config"])
                 recipe.run(f"{model.name}.stats", "--stage", "4", "--stop_stage", "4",
                            "--asr_config", model.options["asr_config"])
     known = {}
