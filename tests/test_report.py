@@ -553,3 +553,20 @@ def test_an_exp_dir_linked_elsewhere_is_read_from_the_recipe_dir(small_study, tm
     small_study.exp.rename(storage)
     small_study.exp.symlink_to(storage)  # as recipes link exp/ to a larger disk
     assert stale_reasons(small_study, tmp_path) == []
+
+
+def test_a_model_with_seeds_reads_as_mean_and_sd_over_them(tmp_path):
+    study = Study(tmp_path)
+    for seed, quality in ((0, "perfect"), (1, "poor")):
+        study.model(f"asr_mha_seed{seed}", conformer("mha"), {"asr_args": f"--seed {seed}"})
+        study.decode(f"asr_mha_seed{seed}", "test_clean", quality)
+    main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out"),
+          "--bootstrap_samples", "100"])
+    md = (tmp_path / "out/RESULTS.md").read_text()
+    # WER 0 and 25 %: mean 12.5, sd sqrt(2 * 12.5^2) = 17.68
+    assert "## Over seeds" in md and f"| asr_mha | {DECODE} | 2 | 12.50 ± 17.68 |" in md
+
+
+def test_one_seed_adds_no_seed_table(small_study, tmp_path):
+    main(["--exp_dir", str(small_study.exp), "--out_dir", str(tmp_path / "out")])
+    assert "Over seeds" not in (tmp_path / "out/RESULTS.md").read_text()
