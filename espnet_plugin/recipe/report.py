@@ -364,7 +364,7 @@ def comparison_table(report: Report) -> tuple[list, list, list]:
               "excludes 0"]
     numeric = [False, False, False, False, True, True, True, False, False]
     rows = [
-        [c["question"], labels[c["a"]], labels[c["b"]], c["test_set"], f"{c['error_rate_a']:.2f}",
+        [c["question"], labels.get(c["a"], c["a"]), labels.get(c["b"], c["b"]), c["test_set"], f"{c['error_rate_a']:.2f}",
          f"{c['error_rate_b']:.2f}", f"{c['difference']:+.2f}",
          f"[{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]",
          "yes" if c["excludes_zero"] else "no"]
