@@ -6,7 +6,7 @@ import json
 import pytest
 
 from espnet_plugin.cli import UserError
-from espnet_plugin.recipe.compare import main, paired_bootstrap
+from espnet_plugin.recipe.compare import main, paired_bootstrap, pooled_bootstrap
 from espnet_plugin.recipe.score import UtteranceCounts, score
 
 # u1: 4 words, A right, B two words wrong; u2: 2 words, both one wrong. A resample of two
@@ -79,3 +79,55 @@ def test_cli_names_a_hypothesis_that_lacks_utterances(tmp_path):
     hyp.write_text("u1 a b\n")
     with pytest.raises(UserError, match=f"hypothesis {hyp} lacks 1 of the 2"):
         main(["--ref", str(ref), "--hyp_a", str(ref), "--hyp_b", str(hyp)])
+
+
+def given(**errors):
+    """Utterance counts from errors per utterance; u1 has 4 reference words, u2 has 2."""
+    return {u: UtteranceCounts(e, {"u1": 4, "u2": 2}[u]) for u, e in errors.items()}
+
+
+def test_pooled_error_rates_are_the_seeds_means():
+    # A: seed 0 1/6 = 16.7 %, seed 1 3/6 = 50 %; B (one seed): 50 %.
+    result = pooled_bootstrap([given(u1=0, u2=1), given(u1=2, u2=1)], [given(u1=2, u2=1)],
+                              samples=500)
+    assert (result.seeds_a, result.seeds_b) == (2, 1)
+    assert result.error_rate_a == pytest.approx(100 / 3)
+    assert result.difference == pytest.approx(50 - 100 / 3)
+
+
+def test_one_seed_each_is_the_paired_bootstrap():
+    a, b = counts(REF, HYP_A), counts(REF, HYP_B)
+    pooled, paired = pooled_bootstrap([a], [b], samples=3000, seed=4), paired_bootstrap(
+        a, b, samples=3000, seed=4)
+    assert pooled.interval_95 == paired.interval_95
+    assert pooled.share_b_not_worse == paired.share_b_not_worse
+    assert pooled.seed_share == 0
+
+
+def test_seeds_that_agree_add_nothing_to_the_interval():
+    a, b = counts(REF, HYP_A), counts(REF, HYP_B)
+    pooled = pooled_bootstrap([a, a, a], [b, b], samples=3000, seed=2)
+    assert pooled.interval_95 == paired_bootstrap(a, b, samples=3000, seed=2).interval_95
+    assert pooled.utterance_interval_95 == pooled.interval_95
+    assert pooled.seed_share == 0
+
+
+def test_seed_spread_widens_the_interval_by_hand():
+    # One utterance of one word: A's seeds 0 and 1 errors, B's none. Drawing A's two seeds gives
+    # its mean 0, 50 or 100 % (1/4, 1/2, 1/4): B - A in [-100, 0]; the seed-averaged errors give
+    # -50 on every resample, so the whole variance is the seeds'.
+    one = {"u": UtteranceCounts(0, 1)}
+    wrong = {"u": UtteranceCounts(1, 1)}
+    pooled = pooled_bootstrap([one, wrong], [one], samples=4000, seed=0)
+    assert pooled.difference == pytest.approx(-50)
+    assert pooled.interval_95 == pytest.approx((-100, 0))
+    assert pooled.utterance_interval_95 == pytest.approx((-50, -50))
+    assert pooled.seed_share == pytest.approx(1)
+    assert pooled.share_b_not_worse == 1
+
+
+def test_pooled_needs_a_seed_and_the_same_utterances():
+    with pytest.raises(UserError, match="at least one seed"):
+        pooled_bootstrap([], [given(u1=0)])
+    with pytest.raises(UserError, match="same utterances"):
+        pooled_bootstrap([given(u1=0)], [given(u1=0), given(u2=0)])

@@ -553,3 +553,39 @@ def test_an_exp_dir_linked_elsewhere_is_read_from_the_recipe_dir(small_study, tm
     small_study.exp.rename(storage)
     small_study.exp.symlink_to(storage)  # as recipes link exp/ to a larger disk
     assert stale_reasons(small_study, tmp_path) == []
+
+
+def test_a_model_with_seeds_reads_as_mean_and_sd_over_them(tmp_path):
+    study = Study(tmp_path)
+    for seed, quality in ((0, "perfect"), (1, "poor")):
+        study.model(f"asr_mha_seed{seed}", conformer("mha"), {"asr_args": f"--seed {seed}"})
+        study.decode(f"asr_mha_seed{seed}", "test_clean", quality)
+    main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out"),
+          "--bootstrap_samples", "100"])
+    md = (tmp_path / "out/RESULTS.md").read_text()
+    # WER 0 and 25 %: mean 12.5, sd sqrt(2 * 12.5^2) = 17.68
+    assert "## Over seeds" in md and f"| asr_mha | {DECODE} | 2 | 12.50 ± 17.68 |" in md
+
+
+def test_one_seed_adds_no_seed_table(small_study, tmp_path):
+    main(["--exp_dir", str(small_study.exp), "--out_dir", str(tmp_path / "out")])
+    assert "Over seeds" not in (tmp_path / "out/RESULTS.md").read_text()
+
+
+def test_comparisons_are_pooled_over_seeds(tmp_path):
+    study = Study(tmp_path)
+    for seed in (0, 1):
+        study.model(f"asr_mha_seed{seed}", conformer("mha"), {"asr_args": f"--seed {seed}"})
+        study.decode(f"asr_mha_seed{seed}", "test_clean", "poor")
+        study.model(f"asr_mla_seed{seed}", conformer("mla"), {"asr_args": f"--seed {seed}"})
+        study.decode(f"asr_mla_seed{seed}", "test_clean", "perfect")
+    main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out"),
+          "--bootstrap_samples", "200"])
+    pooled = [c for c in json.loads((tmp_path / "out/results.json").read_text())["comparisons"]
+              if c["question"] == "conformer: mha -> mla (pooled over seeds)"]
+    assert len(pooled) == 1 and pooled[0]["a"] == f"asr_mha/{DECODE}"
+    # every seed of A 25 % WER, every seed of B 0 %: -25 points, no seed spread
+    assert (pooled[0]["seeds_a"], pooled[0]["seeds_b"]) == (2, 2)
+    assert pooled[0]["difference"] == pytest.approx(-25)
+    assert pooled[0]["interval_95"] == pytest.approx([-25, -25])
+    assert pooled[0]["seed_share"] == 0

@@ -163,3 +163,58 @@ def test_the_study_on_the_small_recipe(recipe, tmp_path, pytestconfig):
     stats = json.loads((decoded / "profile/decode_stats.json").read_text())
     assert stats["kv_cache"]["ratio_to_mha_analytic"] < 1  # GQA's cache against MHA's
     assert "tiny_gqa" in (work / "exp/report/RESULTS.md").read_text()
+
+
+def test_seeds_make_one_model_each_and_fine_tune_from_the_same_seed(recipe_dir, monkeypatch):
+    from espnet_plugin.recipe.study import load_study
+
+    monkeypatch.chdir(recipe_dir)
+    write_study(recipe_dir, {
+        "a": {"asr_config": "conf/a.yaml", "seeds": [0, 1], "asr_args": "--max_epoch 2"},
+        "a_ft": {"finetune_from": "a", "finetune_epochs": 1},
+        "b": {"asr_config": "conf/b.yaml"},
+    })
+    models = {m.name: m for m in load_study(Path("conf/study.yaml"), None)}
+    assert list(models) == ["a_seed0", "a_seed1", "a_ft_seed0", "a_ft_seed1", "b"]
+    assert models["a_seed1"].run_options("exp") == [
+        "--asr_tag", "a_seed1", "--asr_args", "--max_epoch 2 --seed 1",
+        "--asr_config", "conf/a.yaml"]  # yaml.safe_dump sorts the keys
+    assert models["a_ft_seed1"].source == "a_seed1"
+    assert "exp/asr_a_seed1" in models["a_ft_seed1"].run_options("exp")
+    assert models["b"].run_options("exp") == ["--asr_tag", "b", "--asr_config", "conf/b.yaml"]
+    selected = [m.name for m in load_study(Path("conf/study.yaml"), ["a_ft"])]
+    assert selected == ["a_seed0", "a_ft_seed0", "a_seed1", "a_ft_seed1"]
+
+
+@pytest.mark.parametrize("seeds", [[], [0, 0], [-1], ["0"], 3, [True]])
+def test_a_bad_seeds_value_names_the_entry_and_key(recipe_dir, monkeypatch, seeds):
+    from espnet_plugin.cli import UserError
+    from espnet_plugin.recipe.study import load_study
+
+    monkeypatch.chdir(recipe_dir)
+    write_study(recipe_dir, {"a": {"asr_config": "conf/a.yaml", "seeds": seeds}})
+    with pytest.raises(UserError, match=r"conf/study.yaml: model a: seeds must be"):
+        load_study(Path("conf/study.yaml"), None)
+
+
+def test_fine_tuned_seeds_must_be_seeds_of_the_source(recipe_dir, monkeypatch):
+    from espnet_plugin.cli import UserError
+    from espnet_plugin.recipe.study import load_study
+
+    monkeypatch.chdir(recipe_dir)
+    write_study(recipe_dir, {"a": {"asr_config": "conf/a.yaml", "seeds": [0, 1]},
+                             "ft": {"finetune_from": "a", "seeds": [2]}})
+    with pytest.raises(UserError, match="model ft: seeds \\[2\\] are not all seeds"):
+        load_study(Path("conf/study.yaml"), None)
+
+
+def test_the_seeds_of_a_model_are_trained_with_their_seed_and_share_its_statistics(recipe_dir):
+    write_study(recipe_dir, {"a": {"asr_config": "conf/a.yaml", "seeds": [0, 1]}})
+    assert study(recipe_dir).returncode == 0
+    made = calls(recipe_dir)
+    stats = [c for c in made if c["args"][2:6] == ["--stage", "4", "--stop_stage", "4"]]
+    assert len(stats) == 1
+    trained = {c["args"][c["args"].index("--asr_tag") + 1]: c["args"] for c in made
+               if c["args"][2:4] == ["--stage", "5"] and "--dry_run" not in c["args"]}
+    assert set(trained) == {"a_seed0", "a_seed1"}
+    assert trained["a_seed1"][trained["a_seed1"].index("--asr_args") + 1] == "--seed 1"

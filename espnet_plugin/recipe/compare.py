@@ -41,6 +41,38 @@ class Comparison:
         return low > 0 or high < 0
 
 
+def _arrays(systems: list[Mapping[str, UtteranceCounts]]) -> tuple[list[str], np.ndarray,
+                                                                      np.ndarray]:
+    """Utterance ids (sorted), each system's errors per utterance (systems x utterances) and the
+    reference lengths; all systems must score the same references."""
+    first = systems[0]
+    if any(counts.keys() != first.keys() for counts in systems):
+        raise UserError("both systems must be scored on the same utterances")
+    utt_ids = sorted(first)
+    differing = [u for u in utt_ids if any(c[u].ref_len != first[u].ref_len for c in systems)]
+    if differing:
+        raise UserError(f"utterance '{differing[0]}' has references of different lengths: both "
+                        "systems must be scored against the same references")
+    ref_lens = np.array([first[u].ref_len for u in utt_ids])
+    if ref_lens.sum() == 0:
+        raise UserError("the references are all empty: the error rates are undefined")
+    errors = np.array([[counts[u].errors for u in utt_ids] for counts in systems], dtype=float)
+    return utt_ids, errors, ref_lens
+
+
+def utterance_draws(num_utts: int, samples: int, seed: int) -> np.ndarray:
+    """The resamples of the utterances: ``samples`` rows of utterance indices."""
+    if samples < 1:
+        raise UserError(f"samples must be >= 1, got {samples}")
+    return np.random.default_rng(seed).integers(0, num_utts, size=(samples, num_utts))
+
+
+def draw_rates(errors: np.ndarray, ref_lens: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Error rate (%) of each system (rows of ``errors``) on each resample: systems x samples."""
+    words = np.maximum(ref_lens[draws].sum(1), 1)  # a draw of empty references only: no words
+    return 100.0 * errors[:, draws].sum(-1) / words
+
+
 def paired_bootstrap(a: Mapping[str, UtteranceCounts], b: Mapping[str, UtteranceCounts],
                      samples: int = 2000, seed: int = 0) -> Comparison:
     """Resample utterances ``samples`` times; ``a`` and ``b`` score the same references.
@@ -49,27 +81,10 @@ def paired_bootstrap(a: Mapping[str, UtteranceCounts], b: Mapping[str, Utterance
     utterances.json); the draws follow the utterance ids' sorted order, so the result does not
     depend on the order the files list them in.
     """
-    if a.keys() != b.keys():
-        raise UserError("both systems must be scored on the same utterances")
-    if samples < 1:
-        raise UserError(f"samples must be >= 1, got {samples}")
-    utt_ids = sorted(a)
-    differing = [u for u in utt_ids if a[u].ref_len != b[u].ref_len]
-    if differing:
-        raise UserError(f"utterance '{differing[0]}' has references of different lengths: both "
-                        "systems must be scored against the same references")
-    errors_a = np.array([a[u].errors for u in utt_ids])
-    errors_b = np.array([b[u].errors for u in utt_ids])
-    ref_lens = np.array([a[u].ref_len for u in utt_ids])
-    if ref_lens.sum() == 0:
-        raise UserError("the references are all empty: the error rates are undefined")
-    draws = np.random.default_rng(seed).integers(0, len(ref_lens), size=(samples, len(ref_lens)))
-    words = np.maximum(ref_lens[draws].sum(1), 1)  # a draw of empty references only: no words
-    rate_a = 100.0 * errors_a[draws].sum(1) / words
-    rate_b = 100.0 * errors_b[draws].sum(1) / words
+    utt_ids, errors, ref_lens = _arrays([a, b])
+    rate_a, rate_b = draw_rates(errors, ref_lens, utterance_draws(len(utt_ids), samples, seed))
     low, high = np.percentile(rate_b - rate_a, [2.5, 97.5])
-    error_rate_a = 100.0 * errors_a.sum() / ref_lens.sum()
-    error_rate_b = 100.0 * errors_b.sum() / ref_lens.sum()
+    error_rate_a, error_rate_b = 100.0 * errors.sum(1) / ref_lens.sum()
     return Comparison(
         num_utts=len(utt_ids),
         samples=samples,
@@ -78,6 +93,58 @@ def paired_bootstrap(a: Mapping[str, UtteranceCounts], b: Mapping[str, Utterance
         difference=float(error_rate_b - error_rate_a),
         interval_95=(float(low), float(high)),
         share_b_not_worse=float(np.mean(rate_b <= rate_a)),
+    )
+
+
+@dataclass(frozen=True)
+class PooledComparison(Comparison):
+    """A comparison of two models trained with several seeds each, pooled over the seeds."""
+
+    seeds_a: int = 1
+    seeds_b: int = 1
+    utterance_interval_95: tuple[float, float] = (0.0, 0.0)  # of the seed-averaged errors
+    seed_share: float = 0.0  # of the pooled difference's variance, due to the seeds' spread
+
+
+def pooled_bootstrap(a: list[Mapping[str, UtteranceCounts]], b: list[Mapping[str, UtteranceCounts]],
+                     samples: int = 2000, seed: int = 0) -> PooledComparison:
+    """The paired bootstrap of two models given one score per seed, pooled over the seeds.
+
+    Each resample draws the utterances (the draws of :func:`paired_bootstrap`) and, within each
+    model, its seeds with replacement; B - A is the difference of the drawn seeds' mean error
+    rates. Error rates are the seeds' means. Beside the interval: the utterance-only bootstrap of
+    the seed-averaged errors on the same draws, and ``seed_share``, 1 - its variance over the
+    pooled one's (0 where the seeds agree): how much of the interval the seeds' spread makes.
+    """
+    if not a or not b:
+        raise UserError("each model needs the score of at least one seed")
+    utt_ids, errors, ref_lens = _arrays([*a, *b])
+    draws = utterance_draws(len(utt_ids), samples, seed)
+    rates = draw_rates(errors, ref_lens, draws)  # (seeds of A + seeds of B) x samples
+    seeds = np.random.default_rng([seed, 1])
+
+    def pooled(rows: np.ndarray) -> np.ndarray:
+        picked = seeds.integers(0, len(rows), size=(samples, len(rows)))
+        return rows[picked, np.arange(samples)[:, None]].mean(1)
+
+    rate_a, rate_b = pooled(rates[:len(a)]), pooled(rates[len(a):])
+    mean_a, mean_b = rates[:len(a)].mean(0), rates[len(a):].mean(0)  # seed-averaged errors
+    low, high = np.percentile(rate_b - rate_a, [2.5, 97.5])
+    pooled_var, utterance_var = np.var(rate_b - rate_a), np.var(mean_b - mean_a)
+    error_rate = 100.0 * errors.sum(1) / ref_lens.sum()
+    error_rate_a, error_rate_b = error_rate[:len(a)].mean(), error_rate[len(a):].mean()
+    return PooledComparison(
+        num_utts=len(utt_ids),
+        samples=samples,
+        error_rate_a=float(error_rate_a),
+        error_rate_b=float(error_rate_b),
+        difference=float(error_rate_b - error_rate_a),
+        interval_95=(float(low), float(high)),
+        share_b_not_worse=float(np.mean(rate_b <= rate_a)),
+        seeds_a=len(a),
+        seeds_b=len(b),
+        utterance_interval_95=tuple(float(x) for x in np.percentile(mean_b - mean_a, [2.5, 97.5])),
+        seed_share=float(max(0.0, 1 - utterance_var / pooled_var)) if pooled_var > 0 else 0.0,
     )
 
 

@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import logging
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -363,7 +364,7 @@ def comparison_table(report: Report) -> tuple[list, list, list]:
               "excludes 0"]
     numeric = [False, False, False, False, True, True, True, False, False]
     rows = [
-        [c["question"], labels[c["a"]], labels[c["b"]], c["test_set"], f"{c['error_rate_a']:.2f}",
+        [c["question"], labels.get(c["a"], c["a"]), labels.get(c["b"], c["b"]), c["test_set"], f"{c['error_rate_a']:.2f}",
          f"{c['error_rate_b']:.2f}", f"{c['difference']:+.2f}",
          f"[{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]",
          "yes" if c["excludes_zero"] else "no"]
@@ -406,6 +407,27 @@ def gather(exp_dir: Path, out_dir: Path, samples: int) -> Report:
     )
 
 
+def over_seeds(report: Report) -> list[list[str]]:
+    """Per model trained with several seeds and decode: the seeds, and WER mean ± sd (ddof 1) per
+    test set; empty where no model has more than one seed."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for system, row in zip(report.systems, report.rows):
+        if not row["stale"]:
+            groups.setdefault((system.model.group, system.decode), []).append(row)
+    test_sets = sorted({name for s in report.systems for name in s.test_sets})
+    rows = []
+    for (group, decode), members in groups.items():
+        if len(members) < 2:
+            continue
+        cells = [group, decode, str(len(members))]
+        for name in test_sets:
+            values = [r[f"wer_{name}"] for r in members if r.get(f"wer_{name}") is not None]
+            cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+                         if len(values) > 1 else MISSING)
+        rows.append(cells)
+    return rows
+
+
 def write_markdown(report: Report, figures: list[Path], path: Path) -> None:
     shown = report.shown_columns()
     rows = [[cell(c, r[c.key]) for c in shown] for r in report.rows]
@@ -418,6 +440,12 @@ def write_markdown(report: Report, figures: list[Path], path: Path) -> None:
             ["model", "decode", *(c.label for c in cer)],
             [[r["model"], r["decode"], *(cell(c, r[c.key]) for c in cer)] for r in report.rows],
             [False, False, *(True for _ in cer)])]
+    seeds = over_seeds(report)
+    if seeds:
+        test_sets = sorted({name for s in report.systems for name in s.test_sets})
+        md += ["## Over seeds", markdown_table(
+            ["model", "decode", "seeds", *(f"WER {t} (%) mean ± sd" for t in test_sets)], seeds,
+            [False, False, True, *(True for _ in test_sets)])]
     md.append("## Comparisons")
     header, rows, numeric = comparison_table(report)
     if rows:

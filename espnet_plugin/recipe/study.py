@@ -2,7 +2,9 @@
 
 A study is a YAML file of models (``conf/study.yaml``), each a name and the ``run.sh`` options that
 make it: a training config (``asr_config``), or a model of the study to fine-tune
-(``finetune_from``), its attention converted first (``convert_args``). The driver prepares the
+(``finetune_from``), its attention converted first (``convert_args``); ``seeds: [0, 1, 2]`` makes
+one model per seed, ``<name>_seed<k>`` trained with ESPnet's ``--seed k`` (a fine-tuned entry
+whose source has seeds fine-tunes each seed from the same seed of the source). The driver prepares the
 data once (stages 1-3) and the statistics of each frontend (stage 4), then has every model trained,
 decoded, scored and profiled (stages 5-10, in ``exp/asr_<name>``; a fine-tuned model after the
 one it starts from), and ends with the report (stage 11). What is done is found from the outputs
@@ -34,6 +36,7 @@ from espnet_plugin.cli import UserError, run
 DRY_RUN_SUMMARY = "Dry run: "
 SOURCE_KEY = "finetune_from"
 TRAINING_KEYS = ("asr_config", SOURCE_KEY)
+SEEDS_KEY = "seeds"
 
 
 @dataclass
@@ -55,6 +58,32 @@ class Model:
                 value = f"{expdir}/asr_{value}"
             options += [f"--{key}", str(value)]
         return options
+
+
+def read_seeds(path: Path, name: str, options) -> list[int] | None:
+    """An entry's ``seeds``: distinct whole numbers >= 0; None where it has none."""
+    if not isinstance(options, dict) or SEEDS_KEY not in options:
+        return None
+    value = options[SEEDS_KEY]
+    if (not isinstance(value, list) or not value or len(set(value)) != len(value)
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in value)):
+        raise UserError(f"{path}: model {name}: seeds must be a list of distinct whole numbers "
+                        f">= 0 (seeds: [0, 1, 2]), got {value!r}")
+    return value
+
+
+def seeded(name: str, options: dict[str, str], source: str | None, seed: int | None,
+           source_seeded: bool) -> Model:
+    """The model of one seed of an entry: ``<name>_seed<k>`` trained with ``--seed k``, fine-tuned
+    from the same seed of its source where that has seeds."""
+    if seed is None:
+        return Model(name, options, source)
+    options = dict(options)
+    options["asr_args"] = f"{options.get('asr_args', '')} --seed {seed}".strip()
+    if source is not None and source_seeded:
+        source = f"{source}_seed{seed}"
+        options[SOURCE_KEY] = source
+    return Model(f"{name}_seed{seed}", options, source)
 
 
 def load_study(path: Path, selection: list[str] | None) -> list[Model]:
@@ -81,7 +110,23 @@ def load_study(path: Path, selection: list[str] | None) -> list[Model]:
         if source is not None and source not in entries:
             raise UserError(f"{path}: model {name}: finetune_from {source} is not a model of the "
                             f"study ({', '.join(entries)})")
-        models[name] = Model(name, {k: str(v) for k, v in options.items()}, source)
+    seeds = {name: read_seeds(path, name, options) for name, options in entries.items()}
+    entry_of = {}  # model name -> its study entry
+    for name, options in entries.items():
+        source = options.get(SOURCE_KEY)
+        source_seeds = seeds[source] if source is not None else None
+        own = seeds[name] or source_seeds
+        if own and source_seeds and not set(own) <= set(source_seeds):
+            raise UserError(f"{path}: model {name}: seeds {own} are not all seeds of its "
+                            f"finetune_from {source} ({source_seeds})")
+        options = {k: str(v) for k, v in options.items() if k != SEEDS_KEY}
+        for seed in own or [None]:
+            model = seeded(name, options, source, seed, bool(source_seeds))
+            models[model.name] = model
+            entry_of[model.name] = name
+    if selection is not None:  # an entry with seeds selects all of them
+        selection = [m for chosen in selection for m in
+                     ([x for x, e in entry_of.items() if e == chosen and x != chosen] or [chosen])]
     chosen = list(models) if selection is None else selection
     unknown = [name for name in chosen if name not in models]
     if unknown:
@@ -235,8 +280,10 @@ def main(argv=None) -> None:
     if not args.dry_run:
         say("stages 1-3: data, formatting, tokens")
         recipe.run("prepare", "--stage", "1", "--stop_stage", "3")
-        for model in models:  # the statistics of every frontend, before models run side by side
-            if "asr_config" in model.options:
+        configs = set()  # the statistics of every frontend, before models run side by side
+        for model in models:  # once per config: the seeds of a model share theirs
+            if "asr_config" in model.options and model.options["asr_config"] not in configs:
+                configs.add(model.options["asr_config"])
                 recipe.run(f"{model.name}.stats", "--stage", "4", "--stop_stage", "4",
                            "--asr_config", model.options["asr_config"])
     known = {}

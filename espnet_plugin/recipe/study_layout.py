@@ -139,6 +139,14 @@ class Model:
     origin: str  # scratch, finetuned (from finetune_from) or converted (then fine-tuned or not)
     finetune_from: str | None  # the starting model's name under exp_dir (else the path as given)
     source: Architecture | None  # the starting model's, where its config is still there
+    seed: int | None = None  # ESPnet's --seed of its training, where asr_args gave one
+
+    @property
+    def group(self) -> str:
+        """The model its seeds share: the name without ``_seed<k>`` (the study driver's)."""
+        suffix = f"_seed{self.seed}"
+        return self.name[: -len(suffix)] if self.seed is not None and self.name.endswith(
+            suffix) else self.name
 
     def _label(self, own: str, before: str) -> str:
         return own if self.origin != "converted" or own == before else f"{own} (from {before})"
@@ -254,12 +262,14 @@ def read_model(model_dir: Path, exp_dir: Path, stamps: StampCheck) -> Model:
         if isinstance(source, dict) and isinstance(source.get("config"), str):
             source_configs.append(stamps.recipe_dir / source["config"])
     source = next((read_architecture(p) for p in source_configs if p.is_file()), None)
+    seed = re.search(r"--seed[=\s]+(\d+)", str(options.get("asr_args", "")))
     return Model(
         name=model_dir.relative_to(exp_dir).as_posix(),
         arch=read_architecture(config),
         origin="converted" if converted else "finetuned" if finetune_from else "scratch",
         finetune_from=finetune_from and _model_name(finetune_from, exp_dir, stamps.recipe_dir),
         source=source,
+        seed=int(seed.group(1)) if seed else None,
     )
 
 

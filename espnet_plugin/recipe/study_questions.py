@@ -14,7 +14,7 @@ A is the reference of each question, B the alternative: differences are B - A, i
 
 from dataclasses import asdict, dataclass
 
-from espnet_plugin.recipe.compare import paired_bootstrap
+from espnet_plugin.recipe.compare import paired_bootstrap, pooled_bootstrap
 from espnet_plugin.recipe.study_layout import (
     ATTENTION_ORDER,
     ENCODER_ORDER,
@@ -120,4 +120,39 @@ def answer(question: Question, systems: list[System], samples: int) -> Answer:
                         })
                 if not a.test_sets.keys() & b.test_sets.keys():
                     reasons.add("no test set in common")
+    comparisons += pooled(question, systems, samples)
     return Answer(question.title, comparisons, "" if comparisons else ", ".join(sorted(reasons)))
+
+
+def pooled(question: Question, systems: list[System], samples: int) -> list[dict]:
+    """Per pair of models where one has several seeds: the bootstrap pooled over their seeds, on
+    each test set every seed decoded with the first seed's options (current decodes only)."""
+    groups: dict[tuple[str, str], tuple[set, set]] = {}
+    for model_a, model_b in question.pairs:
+        seeds_a, seeds_b = groups.setdefault((model_a.group, model_b.group), (set(), set()))
+        seeds_a.add(model_a)
+        seeds_b.add(model_b)
+    comparisons = []
+    for (group_a, group_b), (models_a, models_b) in groups.items():
+        if len(models_a) < 2 and len(models_b) < 2:
+            continue
+        current = [s for s in systems if not s.stale]
+        for first in (s for s in current if s.model in models_a):
+            side_a = [s for s in current if s.model in models_a and s.decoding == first.decoding]
+            side_b = [s for s in current if s.model in models_b and s.decoding == first.decoding]
+            if first is not side_a[0] or not side_b:
+                continue
+            names = set.intersection(*(set(s.test_sets) for s in side_a + side_b))
+            for name in sorted(names):
+                counts = [s.test_sets[name].counts.get("word") for s in side_a + side_b]
+                if any(c is None for c in counts) or any(c.keys() != counts[0].keys()
+                                                         for c in counts):
+                    continue
+                result = pooled_bootstrap(counts[:len(side_a)], counts[len(side_a):], samples)
+                comparisons.append({
+                    "question": f"{question.title} (pooled over seeds)",
+                    "a": f"{group_a}/{first.decode}", "b": f"{group_b}/{side_b[0].decode}",
+                    "test_set": name, "unit": "word", **asdict(result),
+                    "excludes_zero": result.excludes_zero,
+                })
+    return comparisons
