@@ -83,17 +83,19 @@ def paired_bootstrap(a: Mapping[str, UtteranceCounts], b: Mapping[str, Utterance
     """
     utt_ids, errors, ref_lens = _arrays([a, b])
     rate_a, rate_b = draw_rates(errors, ref_lens, utterance_draws(len(utt_ids), samples, seed))
-    low, high = np.percentile(rate_b - rate_a, [2.5, 97.5])
     error_rate_a, error_rate_b = 100.0 * errors.sum(1) / ref_lens.sum()
-    return Comparison(
-        num_utts=len(utt_ids),
-        samples=samples,
-        error_rate_a=float(error_rate_a),
-        error_rate_b=float(error_rate_b),
-        difference=float(error_rate_b - error_rate_a),
-        interval_95=(float(low), float(high)),
-        share_b_not_worse=float(np.mean(rate_b <= rate_a)),
-    )
+    return Comparison(**_summary(len(utt_ids), error_rate_a, error_rate_b, rate_a, rate_b))
+
+
+def _summary(num_utts: int, error_rate_a, error_rate_b, rate_a: np.ndarray,
+             rate_b: np.ndarray) -> dict:
+    """What every comparison reports: the error rates, B - A and the bootstrap's interval of it
+    (``rate_a``, ``rate_b``: the resampled error rates)."""
+    low, high = np.percentile(rate_b - rate_a, [2.5, 97.5])
+    return dict(num_utts=num_utts, samples=len(rate_a), error_rate_a=float(error_rate_a),
+                error_rate_b=float(error_rate_b), difference=float(error_rate_b - error_rate_a),
+                interval_95=(float(low), float(high)),
+                share_b_not_worse=float(np.mean(rate_b <= rate_a)))
 
 
 @dataclass(frozen=True)
@@ -129,18 +131,11 @@ def pooled_bootstrap(a: list[Mapping[str, UtteranceCounts]], b: list[Mapping[str
 
     rate_a, rate_b = pooled(rates[:len(a)]), pooled(rates[len(a):])
     mean_a, mean_b = rates[:len(a)].mean(0), rates[len(a):].mean(0)  # seed-averaged errors
-    low, high = np.percentile(rate_b - rate_a, [2.5, 97.5])
     pooled_var, utterance_var = np.var(rate_b - rate_a), np.var(mean_b - mean_a)
     error_rate = 100.0 * errors.sum(1) / ref_lens.sum()
     error_rate_a, error_rate_b = error_rate[:len(a)].mean(), error_rate[len(a):].mean()
     return PooledComparison(
-        num_utts=len(utt_ids),
-        samples=samples,
-        error_rate_a=float(error_rate_a),
-        error_rate_b=float(error_rate_b),
-        difference=float(error_rate_b - error_rate_a),
-        interval_95=(float(low), float(high)),
-        share_b_not_worse=float(np.mean(rate_b <= rate_a)),
+        **_summary(len(utt_ids), error_rate_a, error_rate_b, rate_a, rate_b),
         seeds_a=len(a),
         seeds_b=len(b),
         utterance_interval_95=tuple(float(x) for x in np.percentile(mean_b - mean_a, [2.5, 97.5])),
