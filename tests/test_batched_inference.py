@@ -86,3 +86,16 @@ def test_a_batch_out_of_gpu_memory_is_decoded_in_halves(monkeypatch):
     results = dict(decoder._decode(keys, encoded))
     assert results == {f"u{i}": [f"hyp of {10 + i} frames"] for i in range(5)}
     assert decoded == [2, 1, 2]  # 5 runs out: 2, then 3 runs out: 1 and 2
+
+
+def test_a_model_the_batched_search_cannot_decode_exactly_is_named():
+    from types import SimpleNamespace
+
+    from espnet2.asr.decoder.rnn_decoder import RNNDecoder
+
+    search = SimpleNamespace(full_scorers={"decoder": RNNDecoder(10, 8)}, part_scorers={})
+    found, why_not = inference.batched_search(SimpleNamespace(beam_search=search))
+    assert found is None and "RNNDecoder" in why_not
+    search = SimpleNamespace(full_scorers={"lm": object()}, part_scorers={})
+    found, why_not = inference.batched_search(SimpleNamespace(beam_search=search))
+    assert found is None and "scorer lm" in why_not
