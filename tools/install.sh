@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
 venv=${VENV:-.venv}
+"${python}" -c 'pass' 2> /dev/null \
+    || { echo "tools/install.sh: PYTHON=${python} does not run; set PYTHON to a Python 3.11 or newer" >&2; exit 1; }
 "${python}" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
     || { echo "tools/install.sh: ${python} is older than 3.11; set PYTHON=python3.11 or newer" >&2; exit 1; }
 
