@@ -12,6 +12,7 @@ from espnet2.asr.espnet_model import ESPnetASRModel
 from espnet2.torch_utils.device_funcs import force_gatherable
 
 from espnet_plugin.nets.aux_loss import collect_aux
+from espnet_plugin.nets.encoders import ChunkingStage
 
 
 class FullRateCTC(CTC):
@@ -65,7 +66,8 @@ class ESPnetAuxLossASRModel(ESPnetASRModel):
         super().__init__(*args, length_normalized_loss=length_normalized_loss, **kwargs)
         self.length_normalized_loss = length_normalized_loss
         chunking = getattr(self.encoder, "chunking", None)
-        if chunking is not None and chunking.output == "ctc_dechunked" and self.ctc is not None:
+        if (isinstance(chunking, ChunkingStage) and chunking.output == "ctc_dechunked"
+                and self.ctc is not None):
             self.ctc.__class__ = FullRateCTC  # ESPnet built it from ctc_conf; same state
             self.ctc.full_rate = chunking.full_rate
             chunking.ctc_reads_full_rate = True
