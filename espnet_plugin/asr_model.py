@@ -7,10 +7,43 @@ is ``model: espnet`` exactly.
 """
 
 import torch
+from espnet2.asr.ctc import CTC
 from espnet2.asr.espnet_model import ESPnetASRModel
 from espnet2.torch_utils.device_funcs import force_gatherable
 
 from espnet_plugin.nets.aux_loss import collect_aux
+from espnet_plugin.nets.encoders import ChunkingStage
+
+
+class FullRateCTC(CTC):
+    """ESPnet's CTC (its weights, names and options) for an encoder with dynamic chunking's
+    ``output: ctc_dechunked``: ESPnet's model and beam search give CTC what they give the decoder,
+    the compressed output; this CTC scores the dechunked, full-rate output of the same utterances
+    instead, which the encoder computed beside it (``ChunkingStage.full_rate``)."""
+
+    def forward(self, hs_pad, hlens, ys_pad, ys_lens):
+        return super().forward(*self.full_rate(hs_pad, hlens), ys_pad, ys_lens)
+
+    def log_softmax(self, hs_pad):
+        return super().log_softmax(self.full_rate(hs_pad)[0])
+
+    def argmax(self, hs_pad):
+        return super().argmax(self.full_rate(hs_pad)[0])
+
+
+def frame_log_softmax(ctc: CTC, frames: torch.Tensor) -> torch.Tensor:
+    """CTC's log-probabilities of the frames it scores, given as they are (the plugin's batched
+    search, which pads each utterance's :func:`ctc_input`)."""
+    return CTC.log_softmax(ctc, frames) if isinstance(ctc, FullRateCTC) else ctc.log_softmax(frames)
+
+
+def ctc_input(model: ESPnetASRModel, encoder_out: torch.Tensor,
+              encoder_out_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model's CTC scores for the output of its ``encode``: that output, or with
+    ``output: ctc_dechunked`` the full-rate one beside it."""
+    if isinstance(model.ctc, FullRateCTC):
+        return model.ctc.full_rate(encoder_out, encoder_out_lens)
+    return encoder_out, encoder_out_lens
 
 
 class ESPnetAuxLossASRModel(ESPnetASRModel):
@@ -24,11 +57,20 @@ class ESPnetAuxLossASRModel(ESPnetASRModel):
     sums over each utterance's tokens (``length_normalized_loss: false``, its default), so the aux
     losses are multiplied by the batch's mean token count. Without that, H-Net's ratio weight 0.03
     would be some 50 times weaker here than in the paper, and the router would barely move.
+
+    With dynamic chunking's ``output: ctc_dechunked``, its CTC becomes a :class:`FullRateCTC`
+    (the same module, made to read the full-rate output), in training and in ESPnet's decoding.
     """
 
     def __init__(self, *args, length_normalized_loss: bool = False, **kwargs):
         super().__init__(*args, length_normalized_loss=length_normalized_loss, **kwargs)
         self.length_normalized_loss = length_normalized_loss
+        chunking = getattr(self.encoder, "chunking", None)
+        if (isinstance(chunking, ChunkingStage) and chunking.output == "ctc_dechunked"
+                and self.ctc is not None):
+            self.ctc.__class__ = FullRateCTC  # ESPnet built it from ctc_conf; same state
+            self.ctc.full_rate = chunking.full_rate
+            chunking.ctc_reads_full_rate = True
 
     def forward(
         self,

@@ -1,5 +1,7 @@
 """`python -m espnet_plugin.bin.convert_attention`: a trained ESPnet ASR model's multi-head
-attention turned into MLA or GQA (MHA2MLA for speech), ready to decode or to fine-tune.
+attention turned into MLA or GQA (MHA2MLA for speech), or its encoder given dynamic chunking
+(``--target dynamic_chunking``: :mod:`espnet_plugin.chunking_insertion`), ready to decode or to
+fine-tune.
 
 Reads an experiment (``--asr_train_config`` config.yaml, ``--asr_model_file``) whose encoder and/or
 decoder use this project's MHA or ESPnet's stock ``MultiHeadedAttention`` (a stock Transformer
@@ -35,6 +37,7 @@ from espnet2.tasks.asr import ASRTask
 from torch import nn
 
 import espnet_plugin  # noqa: F401  (registers the plugin's classes before a config is read)
+from espnet_plugin.chunking_insertion import chunked_config, chunking_options, fresh_router
 from espnet_plugin.cli import UserError
 from espnet_plugin.hooks import intercepted
 from espnet_plugin.nets.attention import Attention, GroupedQueryAttention, key_mask
@@ -49,12 +52,13 @@ from espnet_plugin.nets.attention_conversion import (
     to_gqa,
     to_mla,
 )
+from espnet_plugin.nets.encoders import ChunkingStage
 from espnet_plugin.nets.transformer_decoder import cached_decoder_conf
 from espnet_plugin.recipe.kaldi_data import read_table, read_text
 from espnet_plugin.recipe.score import score
 
 MODULE_GROUPS = ("encoder_self", "decoder_self", "decoder_cross")
-TARGETS = ("mla", "gqa")
+TARGETS = ("mla", "gqa", "dynamic_chunking")
 OUTPUTS = ("config.yaml", "model.pth", "report.json")
 
 
@@ -99,6 +103,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="MLA: which frequency pairs keep rotating, per layer")
     add("--factorization", choices=FACTORIZATIONS, default="joint", help="MLA: the latent's SVD")
     add("--n_kv_heads", type=int, default=None, help="GQA: key/value heads (default: heads / 4)")
+    add("--after_block", type=int, default=None,
+        help="dynamic_chunking: the block the router follows (required)")
+    add("--target_ratio", type=float, default=0.5, help="dynamic_chunking: share of frames kept")
+    add("--ratio_loss_weight", type=float, default=0.03,
+        help="dynamic_chunking: weight of H-Net's ratio loss")
+    add("--min_keep_ratio", type=float, default=0.25,
+        help="dynamic_chunking: least share of an utterance's frames kept")
+    add("--chunking_output", choices=ChunkingStage.OUTPUTS, default="compressed",
+        help="dynamic_chunking: the encoder output's rate (see ChunkingStage)")
     add("--calib_data", type=Path, default=Path("dump/raw/dev/wav.scp"),
         help="calibration utterances (a wav.scp with its text beside it)")
     add("--calib_utts", type=int, default=64, help="how many of them (spread over the list)")
@@ -459,18 +472,11 @@ def convert(args: argparse.Namespace) -> dict:
     model, _ = ASRTask.build_model_from_file(args.asr_train_config, args.asr_model_file,
                                              args.device)
     model.eval()
-    plan = make_plan(args, model)
     utterances = load_calibration(args, train_args)
-    logging.info(f"converting {len(plan.sites)} attention modules to {plan.target}, "
-                 f"calibrating on {len(utterances)} utterances of {args.calib_data}")
-
-    needs_scores = plan.target == "mla" and args.rope_select == "2norm"
-    scores = pair_scores(model, plan, utterances, args.device) if needs_scores else {}
-    converted, options, details = convert_sites(plan, scores, args.rope_select, args.factorization)
-    errors = output_errors(model, plan, converted, utterances, args.device)
-
-    new_config = converted_config(config, plan, options)
-    target = build(new_config, args.device)
+    if args.target == "dynamic_chunking":
+        new_config, target, converted, report = insert_chunking(args, config, model)
+    else:
+        new_config, target, converted, report = convert_attention(args, config, model, utterances)
     state = replaced_state(model, converted)
     check_same_layout(state, target.state_dict())
     target.load_state_dict(state, strict=True)
@@ -482,20 +488,9 @@ def convert(args: argparse.Namespace) -> dict:
 
     report = {
         "source": {"config": str(args.asr_train_config), "model": str(args.asr_model_file)},
-        "target": plan.target,
-        "options": {"kv_latent_dim": plan.kv_latent_dim, "rope_dim": plan.rope_dim,
-                    "rope_key_heads": plan.rope_key_heads, "rope_select": args.rope_select,
-                    "factorization": args.factorization, "n_kv_heads": plan.n_kv_heads,
-                    "modules": sorted({s.group for s in plan.sites}, key=MODULE_GROUPS.index)},
+        "target": args.target,
+        **report,
         "calibration": {"data": str(args.calib_data), "utterances": len(utterances)},
-        "modules": [
-            {"name": s.name, "group": s.group, "relative_error": errors[s.name],
-             "cache_bytes_per_position_before": cache_bytes_per_position(s.module),
-             "cache_bytes_per_position_after": cache_bytes_per_position(converted[s.name]),
-             **details[s.name]}
-            for s in plan.sites
-        ],
-        "kv_cache": kv_cache_summary(attention_sites(model), converted),
         "loss": {"original": forward_each(model, utterances, args.device),
                  "converted": forward_each(target, utterances, args.device)},
     }
@@ -512,6 +507,49 @@ def convert(args: argparse.Namespace) -> dict:
     return report
 
 
+def convert_attention(args: argparse.Namespace, config: dict, model: nn.Module, utterances):
+    """MHA to MLA or GQA: the new config, the model it builds, the converted modules by name, and
+    the report's entries of the conversion."""
+    plan = make_plan(args, model)
+    logging.info(f"converting {len(plan.sites)} attention modules to {plan.target}, "
+                 f"calibrating on {len(utterances)} utterances of {args.calib_data}")
+    needs_scores = plan.target == "mla" and args.rope_select == "2norm"
+    scores = pair_scores(model, plan, utterances, args.device) if needs_scores else {}
+    converted, options, details = convert_sites(plan, scores, args.rope_select, args.factorization)
+    errors = output_errors(model, plan, converted, utterances, args.device)
+    new_config = converted_config(config, plan, options)
+    report = {
+        "options": {"kv_latent_dim": plan.kv_latent_dim, "rope_dim": plan.rope_dim,
+                    "rope_key_heads": plan.rope_key_heads, "rope_select": args.rope_select,
+                    "factorization": args.factorization, "n_kv_heads": plan.n_kv_heads,
+                    "modules": sorted({s.group for s in plan.sites}, key=MODULE_GROUPS.index)},
+        "modules": [
+            {"name": s.name, "group": s.group, "relative_error": errors[s.name],
+             "cache_bytes_per_position_before": cache_bytes_per_position(s.module),
+             "cache_bytes_per_position_after": cache_bytes_per_position(converted[s.name]),
+             **details[s.name]}
+            for s in plan.sites
+        ],
+        "kv_cache": kv_cache_summary(attention_sites(model), converted),
+    }
+    return new_config, build(new_config, args.device), converted, report
+
+
+def insert_chunking(args: argparse.Namespace, config: dict, model: nn.Module):
+    """A fresh router after block ``--after_block``: the new config, the model it builds (its
+    router initialised as a new one is), the router by name, and the report's options."""
+    if args.after_block is None:
+        raise UserError("--target dynamic_chunking needs --after_block (the block the router "
+                        "follows)")
+    options = chunking_options(args)
+    new_config = chunked_config(config, model, options, str(args.asr_train_config))
+    try:
+        target = build(new_config, args.device)
+    except ValueError as err:
+        raise UserError(f"--target dynamic_chunking: {err}") from None
+    return new_config, target.eval(), fresh_router(target), {"options": options, "modules": []}
+
+
 def print_report(report: dict) -> None:
     print(f"{report['target'].upper()} from {report['source']['model']} "
           f"({report['calibration']['utterances']} calibration utterances)")
@@ -524,7 +562,7 @@ def print_report(report: dict) -> None:
               f"{m['cache_bytes_per_position_before']:>12} "
               f"{m['cache_bytes_per_position_after']:>6}"
               f"  {m.get('rope_pairs') or '-'}")
-    for group, cache in report["kv_cache"].items():
+    for group, cache in report.get("kv_cache", {}).items():
         print(f"cache per position, {group}: {cache['before']} -> {cache['after']} B "
               f"({cache['ratio']:.3f} of the original)")
     for name in ("original", "converted"):

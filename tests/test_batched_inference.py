@@ -71,7 +71,8 @@ def test_batches_are_longest_first_and_within_both_limits():
 def test_a_batch_out_of_gpu_memory_is_decoded_in_halves(monkeypatch):
     decoded = []
 
-    def search(xs, lengths, maxlenratio, minlenratio):
+    def search(xs, lengths, maxlenratio, minlenratio, ctc_input):
+        assert torch.equal(ctc_input[1], lengths + 1)  # each utterance's own CTC frames
         if len(xs) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         decoded.append(len(xs))
@@ -82,7 +83,7 @@ def test_a_batch_out_of_gpu_memory_is_decoded_in_halves(monkeypatch):
     decoder.speech2text = type("S2T", (), {"maxlenratio": 0.0, "minlenratio": 0.0})()
     monkeypatch.setattr(inference, "results_of", lambda s2t, nbest: nbest)
     keys = [f"u{i}" for i in range(5)]
-    encoded = [torch.zeros(10 + i, 4) for i in range(5)]
+    encoded = [(torch.zeros(10 + i, 4), torch.zeros(11 + i, 4)) for i in range(5)]
     results = dict(decoder._decode(keys, encoded))
     assert results == {f"u{i}": [f"hyp of {10 + i} frames"] for i in range(5)}
     assert decoded == [2, 1, 2]  # 5 runs out: 2, then 3 runs out: 1 and 2

@@ -6,6 +6,7 @@ import csv
 import json
 import re
 
+import numpy as np
 import pytest
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,7 +17,7 @@ from matplotlib.text import Text
 from espnet_plugin.cli import UserError
 from espnet_plugin.recipe import score
 from espnet_plugin.recipe.report import main
-from espnet_plugin.recipe.report_plots import Point, name_points
+from espnet_plugin.recipe.report_plots import ErrorBar, Point, Style, name_points, wer_over_seeds
 from espnet_plugin.recipe.stamp import file_hash
 
 DECODE = "decode_asr_asr_model_valid.acc.ave"
@@ -555,21 +556,70 @@ def test_an_exp_dir_linked_elsewhere_is_read_from_the_recipe_dir(small_study, tm
     assert stale_reasons(small_study, tmp_path) == []
 
 
-def test_a_model_with_seeds_reads_as_mean_and_sd_over_them(tmp_path):
+def scored(folder, unit) -> float:
+    return json.loads((folder / f"score_{unit}/result.json").read_text())["error_rate"]
+
+
+@pytest.fixture
+def seeded_study(tmp_path):
+    """asr_mha over three seeds of different quality, asr_mla over one; both decode both sets."""
     study = Study(tmp_path)
-    for seed, quality in ((0, "perfect"), (1, "poor")):
+    folders = {}
+    for seed, quality in ((0, "perfect"), (1, "poor"), (2, "mixed")):
         study.model(f"asr_mha_seed{seed}", conformer("mha"), {"asr_args": f"--seed {seed}"})
-        study.decode(f"asr_mha_seed{seed}", "test_clean", quality)
+        for test_set in TEST_SETS:
+            folders[seed, test_set] = study.decode(f"asr_mha_seed{seed}", test_set, quality)
+    study.model("asr_mla", conformer("mla"))
+    for test_set in TEST_SETS:
+        study.decode("asr_mla", test_set, "mixed")
     main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out"),
           "--bootstrap_samples", "100"])
-    md = (tmp_path / "out/RESULTS.md").read_text()
-    # WER 0 and 25 %: mean 12.5, sd sqrt(2 * 12.5^2) = 17.68
-    assert "## Over seeds" in md and f"| asr_mha | {DECODE} | 2 | 12.50 ± 17.68 |" in md
+    return study, folders, tmp_path / "out"
+
+
+def test_a_model_with_seeds_reads_as_mean_and_sd_over_them(seeded_study):
+    study, folders, out = seeded_study
+    md = (out / "RESULTS.md").read_text()
+    # test_clean WER: 0, 25 (one word in four wrong everywhere), 25 / 3 (every third utterance)
+    wer = np.array([0.0, 25.0, 25.0 / 3])
+    assert f"| asr_mha | {DECODE} | 3 | {wer.mean():.2f} ± {wer.std(ddof=1):.2f} |" in md
+    table = md.split("## Over seeds")[1].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in table[0].strip("|").split(" | ")]
+    assert header == ["model", "decode", "seeds", *(f"{u} {t} (%) mean ± sd" for u in ("WER", "CER")
+                                                    for t in TEST_SETS)]
+    cells = dict(zip(header, (c.strip() for c in table[2].strip("|").split(" | "))))
+    for test_set in TEST_SETS:
+        cer = np.array([scored(folders[seed, test_set], "char") for seed in range(3)])
+        assert cer.std() > 0
+        assert cells[f"CER {test_set} (%) mean ± sd"] == (
+            f"{cer.mean():.2f} ± {cer.std(ddof=1):.2f}")
+    assert len(table) == 3  # asr_mla has one seed: no row
+
+
+def test_the_seeds_spread_is_drawn_per_test_set(seeded_study):
+    study, folders, out = seeded_study
+    assert_png(out / "wer_over_seeds.png")
+    assert "](wer_over_seeds.png)" in (out / "RESULTS.md").read_text()
+    style = Style(("conformer_x",), ("mha",))
+    panels = {"test_clean": [ErrorBar("asr_mha", "conformer_x", 10.0, 4.0, 3),
+                             ErrorBar("asr_mla", "conformer_x", 8.0, None, 1)],
+              "test_other": [ErrorBar("asr_mha", "conformer_x", 20.0, 2.0, 3)]}
+    figure = wer_over_seeds(panels, out / "drawn.png", style)
+    for axes, bars in zip(figure.axes, panels.values()):
+        widths = sorted(patch.get_width() for patch in axes.patches)
+        assert widths == sorted(b.mean for b in bars)
+        caps = sorted({round(x, 6) for line in axes.lines for x in line.get_xdata()})
+        # each error bar's caps at mean - sd and mean + sd; none for one seed
+        assert caps == sorted({b.mean + s for b in bars if b.sd for s in (-b.sd, b.sd)})
+    ticks = figure.axes[0].get_yticks()
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert sorted(zip(ticks, labels)) == [(0, "asr_mla"), (1, "asr_mha")]  # first at the top
 
 
 def test_one_seed_adds_no_seed_table(small_study, tmp_path):
     main(["--exp_dir", str(small_study.exp), "--out_dir", str(tmp_path / "out")])
     assert "Over seeds" not in (tmp_path / "out/RESULTS.md").read_text()
+    assert not (tmp_path / "out/wer_over_seeds.png").exists()
 
 
 def test_comparisons_are_pooled_over_seeds(tmp_path):
@@ -589,3 +639,25 @@ def test_comparisons_are_pooled_over_seeds(tmp_path):
     assert pooled[0]["difference"] == pytest.approx(-25)
     assert pooled[0]["interval_95"] == pytest.approx([-25, -25])
     assert pooled[0]["seed_share"] == 0
+    md = (tmp_path / "out/RESULTS.md").read_text().split("## Comparisons")[1]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")]
+            for line in md.split("\n\n")[1].splitlines()]
+    share = rows[0].index("seed share")
+    by_question = {row[0]: row[share] for row in rows[2:]}
+    assert by_question["conformer: mha -> mla (pooled over seeds)"] == "0.00"
+    assert by_question["conformer: mha -> mla"] == "-"  # one seed against one
+
+
+def test_the_seed_share_column_shows_results_json(tmp_path):
+    study = Study(tmp_path)
+    for seed, (mha, mla) in enumerate((("poor", "perfect"), ("mixed", "poor"))):
+        study.model(f"asr_mha_seed{seed}", conformer("mha"), {"asr_args": f"--seed {seed}"})
+        study.decode(f"asr_mha_seed{seed}", "test_clean", mha)
+        study.model(f"asr_mla_seed{seed}", conformer("mla"), {"asr_args": f"--seed {seed}"})
+        study.decode(f"asr_mla_seed{seed}", "test_clean", mla)
+    main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out"),
+          "--bootstrap_samples", "200"])
+    pooled = [c for c in json.loads((tmp_path / "out/results.json").read_text())["comparisons"]
+              if c["question"].endswith("(pooled over seeds)")]
+    assert len(pooled) == 1 and 0 < pooled[0]["seed_share"] < 1  # the seeds disagree
+    assert f"| {pooled[0]['seed_share']:.2f} |" in (tmp_path / "out/RESULTS.md").read_text()

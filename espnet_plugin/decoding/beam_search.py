@@ -16,10 +16,11 @@ by it, CTC on those, pruning to ``beam`` per utterance, end of sentence added at
 """
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from espnet_plugin.asr_model import frame_log_softmax
 from espnet_plugin.compat import Hypothesis, end_detect
 from espnet_plugin.decoding.ctc_prefix import LOG_ZERO, CTCPrefixScores
 from espnet_plugin.nets.transformer_decoder import BeamState, CachedTransformerDecoder
@@ -81,16 +82,22 @@ class BatchedBeamSearch:
 
     @torch.no_grad()
     def __call__(self, xs: torch.Tensor, lengths: torch.Tensor, maxlenratio: float = 0.0,
-                 minlenratio: float = 0.0) -> List[List[Hypothesis]]:
-        """The n-best of each utterance of ``xs`` (utterances, frames, size) of ``lengths``."""
-        results = self._search(xs, lengths, maxlenratio, minlenratio)
+                 minlenratio: float = 0.0,
+                 ctc_input: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                 ) -> List[List[Hypothesis]]:
+        """The n-best of each utterance of ``xs`` (utterances, frames, size) of ``lengths``;
+        CTC scores ``ctc_input`` (frames and lengths of the same utterances) where given (an
+        encoder whose CTC reads another output than the decoder, ``ctc_dechunked``)."""
+        ctc_input = (xs, lengths) if ctc_input is None else ctc_input
+        results = self._search(xs, lengths, maxlenratio, minlenratio, ctc_input)
         retry = [b for b, nbest in enumerate(results) if not nbest]
         if retry and minlenratio >= 0.1:  # ESPnet's rule: again with a smaller minlenratio
             logger.warning(f"no N-best results for utterances {retry} of the batch; decoding "
                            "them again with a smaller minlenratio")
             index = torch.tensor(retry, device=xs.device)
             again = self(xs[index], lengths[index.to(lengths.device)], maxlenratio,
-                         max(0.0, minlenratio - 0.1))
+                         max(0.0, minlenratio - 0.1),
+                         (ctc_input[0][index], ctc_input[1][index.to(ctc_input[1].device)]))
             for b, nbest in zip(retry, again):
                 results[b] = nbest
         return results
@@ -107,7 +114,8 @@ class BatchedBeamSearch:
         return maxlens, minlens
 
     def _search(self, xs: torch.Tensor, lengths: torch.Tensor, maxlenratio: float,
-                minlenratio: float) -> List[List[Hypothesis]]:
+                minlenratio: float, ctc_input: Tuple[torch.Tensor, torch.Tensor]
+                ) -> List[List[Hypothesis]]:
         n_utts, beam, vocab, device = xs.size(0), self.beam, self.vocab, xs.device
         maxlens, minlens = self._bounds(lengths.tolist(), maxlenratio, minlenratio)
         ended: List[List[Hypothesis]] = [[] for _ in range(n_utts)]
@@ -122,7 +130,7 @@ class BatchedBeamSearch:
         active[::beam] = True
         decoder_state = None if self.decoder is None else self.decoder.start_beams(xs, lengths)
         ctc = None if self.ctc is None else CTCPrefixScores(
-            self.ctc.log_softmax(xs), lengths, beam, blank=0, eos=self.eos)
+            frame_log_softmax(self.ctc, ctc_input[0]), ctc_input[1], beam, blank=0, eos=self.eos)
         for scorer in self.scorers.values():
             scorer.start(n_hyps)
         like = xs.new_empty(n_hyps, 0, xs.size(-1))

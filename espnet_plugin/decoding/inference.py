@@ -33,6 +33,7 @@ from espnet2.tasks.asr import ASRTask
 from espnet2.torch_utils.set_all_random_seed import set_all_random_seed
 from espnet2.train.dataset import ESPnetDataset
 
+from espnet_plugin.asr_model import ctc_input
 from espnet_plugin.benchmarks.kv_cache import PeakMemory
 from espnet_plugin.cli import UserError
 from espnet_plugin.compat import CTCPrefixScorer, Hypothesis, TooShortUttError, nets_module
@@ -151,17 +152,21 @@ class BatchDecoder:
         self.speech2text, self.search, self.audio = speech2text, search, audio
         self.peak = PeakMemory(str(speech2text.device))
 
-    def encode(self, key: str) -> Optional[torch.Tensor]:
-        """The encoder output (frames, size) of utterance ``key`` alone, None if too short."""
+    def encode(self, key: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The encoder output (frames, size) of utterance ``key`` alone, and what CTC scores of it
+        (the same, or the full-rate output of ``ctc_dechunked``); None if too short."""
         speech = torch.as_tensor(self.audio(key))[None].to(
             device=self.speech2text.device, dtype=getattr(torch, self.speech2text.dtype))
         lengths = speech.new_full((1,), speech.size(1), dtype=torch.long)
+        model = self.speech2text.asr_model
         try:
-            enc, _ = self.speech2text.asr_model.encode(speech, lengths)
+            enc, enc_lens = model.encode(speech, lengths)
         except TooShortUttError as err:
             logger.warning(f"utterance {key}: {err}")
             return None
-        return (enc[0] if isinstance(enc, tuple) else enc)[0]
+        enc = enc[0] if isinstance(enc, tuple) else enc
+        ctc_enc = ctc_input(model, enc, enc_lens)[0] if model.ctc is not None else enc
+        return enc[0], ctc_enc[0]
 
     @torch.no_grad()
     def __call__(self, keys: List[str]) -> Iterator[Tuple[str, list]]:
@@ -174,12 +179,11 @@ class BatchDecoder:
         if outputs:
             yield from self._decode(list(outputs), list(outputs.values()))
 
-    def _decode(self, keys: List[str], encoded: List[torch.Tensor]):
+    def _decode(self, keys: List[str], encoded: List[Tuple[torch.Tensor, torch.Tensor]]):
         try:
-            lengths = torch.tensor([len(e) for e in encoded])
-            xs = torch.nn.utils.rnn.pad_sequence(encoded, batch_first=True)
+            xs, lengths = padded([e for e, _ in encoded])
             nbests = self.search(xs, lengths, self.speech2text.maxlenratio,
-                                 self.speech2text.minlenratio)
+                                 self.speech2text.minlenratio, padded([c for _, c in encoded]))
         except torch.cuda.OutOfMemoryError:
             if len(keys) == 1:
                 raise
@@ -191,6 +195,12 @@ class BatchDecoder:
             return
         for key, nbest in zip(keys, nbests):
             yield key, results_of(self.speech2text, nbest)
+
+
+def padded(outputs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Utterances' outputs (frames, size) as one zero-padded batch, and their lengths."""
+    return (torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True),
+            torch.tensor([len(o) for o in outputs]))
 
 
 def write_results(writer: DatadirWriter, key: str, results: list) -> None:

@@ -7,7 +7,7 @@ registered subclass.
 ``encoder: branchformer_x``  Branchformer layers with any attention type.
 """
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from espnet2.asr.encoder.abs_encoder import AbsEncoder
@@ -59,39 +59,75 @@ def build_input_layer(input_layer: str, input_size: int, d_model: int, dropout_r
     raise ValueError(f"unknown input_layer '{input_layer}': expected one of {list(INPUT_LAYERS)}")
 
 
+class FullRateOutput(NamedTuple):
+    """What an encoder with ``output: ctc_dechunked`` computed beside its compressed output."""
+
+    compressed: torch.Tensor  # (batch, chunks, d_model) the encoder output: the decoder's
+    full_rate: torch.Tensor  # (batch, time, d_model) the dechunked output: CTC's
+    lengths: torch.Tensor  # (batch,) valid full-rate frames
+
+
 class ChunkingStage(DynamicChunking):
     """Dynamic chunking placed after block ``after_block`` of an encoder.
 
     ``output``: "compressed" leaves the encoder output at the chunked rate (CTC and the decoder's
     cross-attention then work on fewer frames: the inference saving), "dechunked" restores the
-    input rate at the end. A compressed output carries each kept frame's confidence as a
-    straight-through 1, so that the ASR loss reaches the router as H-Net's dechunking lets it
-    (otherwise only the ratio loss would train the router). ``min_keep_ratio`` keeps at least that
-    fraction of each utterance's frames (highest boundary probability first), the same in training
-    and decoding, so a compressed output stays long enough for CTC: 0.25 of 40 ms frames is 6
-    frames a second, above the token rate of BPE units in read speech.
+    input rate at the end, "ctc_dechunked" does both: the decoder attends to the compressed output
+    (the encoder's output) and CTC reads the dechunked one, which the encoder hands beside it
+    (:meth:`full_rate`; ``model: espnet_aux`` gives it to CTC in training and decoding). A
+    compressed output carries each kept frame's confidence as a straight-through 1, so that the
+    ASR loss reaches the router as H-Net's dechunking lets it (otherwise only the ratio loss would
+    train the router). ``min_keep_ratio`` keeps at least that fraction of each utterance's frames
+    (highest boundary probability first), the same in training and decoding, so a compressed
+    output stays long enough for CTC: 0.25 of 40 ms frames is 6 frames a second, above the token
+    rate of BPE units in read speech.
     """
 
-    OUTPUTS = ("compressed", "dechunked")
+    OUTPUTS = ("compressed", "dechunked", "ctc_dechunked")
 
     def __init__(self, d_model: int, after_block: int, output: str = "compressed",
                  min_keep_ratio: float = 0.25, **chunking_options):
         if output not in self.OUTPUTS:
             raise ValueError(f"unknown dynamic_chunking output '{output}': expected one of {self.OUTPUTS}")
-        super().__init__(d_model, dechunks=output == "dechunked", **chunking_options)
+        super().__init__(d_model, dechunks=output != "compressed", **chunking_options)
         if not 0.0 <= min_keep_ratio <= 1.0:
             raise ValueError(f"dynamic_chunking min_keep_ratio must be in [0, 1], got {min_keep_ratio}")
         self.after_block = after_block
         self.output = output
         self.min_keep_ratio = min_keep_ratio
+        self.ctc_reads_full_rate = False  # set by the model whose CTC calls full_rate
+        self._latest: Optional[FullRateOutput] = None
 
     def compress(self, xs: torch.Tensor, mask: torch.Tensor):
         lengths = mask.sum(dim=1)
         min_lengths = torch.ceil(lengths * self.min_keep_ratio).long()
         xs, _, state = self.chunk(xs, lengths, min_lengths=min_lengths)
-        if self.output == "compressed":  # no dechunking to train the router: this does instead
+        if self.output != "dechunked":  # a compressed output: this trains the router too
             xs = xs * kept_confidence(state)[..., None].to(xs.dtype)
         return xs, state.chunk_mask, state
+
+    def hand_full_rate(self, output: FullRateOutput) -> None:
+        """Keep the latest full-rate output for CTC (``output: ctc_dechunked``)."""
+        if not self.ctc_reads_full_rate:
+            raise RuntimeError("dynamic_chunking output 'ctc_dechunked' needs model: espnet_aux, "
+                               "whose CTC reads the full-rate output (another model's CTC would "
+                               "score the compressed one)")
+        self._latest = output
+
+    def full_rate(self, compressed: torch.Tensor,
+                  lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full-rate output and its lengths that the encoder's latest call computed beside
+        ``compressed`` (that output, or its first utterances as ESPnet's beam search passes them).
+        ``lengths`` (the compressed ones) is only checked for the batch size."""
+        latest = self._latest
+        batch = compressed.size(0) if compressed.dim() == 3 else 1
+        if (latest is None or compressed.data_ptr() != latest.compressed.data_ptr()
+                or compressed.shape[-2:] != latest.compressed.shape[-2:]
+                or (lengths is not None and len(lengths) != batch)):
+            raise RuntimeError("CTC of a 'ctc_dechunked' encoder was given a tensor that is not "
+                               "the encoder's latest output: encode the utterances first and "
+                               "give CTC what encode returned")
+        return latest.full_rate[:batch], latest.lengths[:batch]
 
 
 def subsampled_lengths(front_end: nn.Module, lengths: torch.Tensor) -> torch.Tensor:
@@ -155,6 +191,9 @@ class BlockStackEncoder(AbsEncoder):
         """ESPnet scores intermediate CTC with the final output's lengths, so every intermediate
         layer must run at the output's frame rate: after the router when the output stays
         compressed, before it when the output is dechunked."""
+        if self.chunking.output == "ctc_dechunked" and self.interctc_layer_idx:
+            raise ValueError("interctc_layer_idx cannot be used with dynamic_chunking output "
+                             "'ctc_dechunked': its CTC reads the full-rate output only")
         compressed = self.chunking.output == "compressed"
         wrong = [i for i in self.interctc_layer_idx if (i >= self.chunking.after_block) != compressed]
         if wrong:
@@ -204,7 +243,12 @@ class BlockStackEncoder(AbsEncoder):
                     xs = xs + self.conditioning_layer(ctc.softmax(inter_out))
         if chunk_state is not None and self.chunking.output == "dechunked":
             xs, mask = self.chunking.dechunk(xs, chunk_state), chunk_state.valid
-        xs = self.after_norm(xs)
+        if chunk_state is not None and self.chunking.output == "ctc_dechunked":
+            full_rate = self.after_norm(self.chunking.dechunk(xs, chunk_state))
+            xs = self.after_norm(xs)
+            self.chunking.hand_full_rate(FullRateOutput(xs, full_rate, chunk_state.lengths))
+        else:
+            xs = self.after_norm(xs)
         olens = mask.sum(dim=1)
         if intermediate_outs:
             return (xs, intermediate_outs), olens, None

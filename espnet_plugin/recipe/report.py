@@ -7,11 +7,14 @@ Reads every scored decode under ``--exp_dir`` (the layout asr.sh writes, see
   then attention type, then model name: WER per test set, parameters, decoder cache per utterance
   and its ratio to the MHA sibling (measured, and the analytic one beside it), decode time, RTF,
   peak memory, dynamic chunking's kept share of frames; then the comparisons the study asks for,
-  each a paired bootstrap of the WER difference on the same utterances; then the figures.
+  each a paired bootstrap of the WER difference on the same utterances (pooled over seeds where
+  a model has several: their share of its variance beside it); then the figures. Models trained
+  with several seeds get a table of WER and CER mean ± sd over them.
 - ``results.csv``: the same rows at full precision (missing values are empty cells), with CER.
 - ``results.json``: the rows, every test set's scores and profile, and the comparisons.
 - PNG figures: ``cache_kb.png``, ``wer_vs_cache.png``, ``decode_time.png``, ``encoder_time.png``
-  (from any ``benchmark_encoder*.json`` under exp_dir), each only when there is data for it.
+  (from any ``benchmark_encoder*.json`` under exp_dir), ``wer_over_seeds.png`` (WER mean and sd
+  over seeds per model, when some model has several), each only when there is data for it.
 
 A system whose results no longer match the files they were made from (a stamp lists a file that
 has changed or is gone, or a stamp is missing) is marked stale, left out of the comparisons and
@@ -274,7 +277,9 @@ class Report:
     def about(self) -> str:
         return (f"{len(self.systems)} systems under {self.exp_dir}. Comparisons: paired bootstrap "
                 f"over utterances ({self.samples} resamples) of the WER difference B - A in "
-                "points, with its 95% interval; A is the reference of each question.")
+                "points, with its 95% interval; A is the reference of each question. Pooled over "
+                "seeds, the seeds are resampled too; seed share: the part of the difference's "
+                "variance that the seeds' spread makes.")
 
     def shown_columns(self) -> list[Column]:
         return [c for c in self.table
@@ -284,7 +289,7 @@ class Report:
 def write_plots(report: Report, out_dir: Path) -> list[Path]:
     """The figures the data allows."""
     systems, rows, labels = report.systems, report.rows, report.labels
-    test_sets = sorted({name for s in systems for name in s.test_sets})
+    test_sets = test_set_names(systems)
     style = plots.Style(ordered((s.model.arch.encoder for s in systems), ENCODER_ORDER),
                         ordered((s.model.arch.attention for s in systems), ATTENTION_ORDER))
     shown = [(s, r, labels[s.name] + (" (stale)" if r["stale"] else ""))
@@ -314,6 +319,13 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     if times:
         written.append(out_dir / "decode_time.png")
         plots.bar_chart(times, "decode time per utterance (ms)", written[-1], style)
+    groups = seed_groups(report)
+    if any(len(g.rows) > 1 for g in groups):
+        bars = {name: [plots.ErrorBar(g.model, g.encoder, *spread, len(g.rows))
+                       for g in groups if (spread := mean_sd(g, f"wer_{name}")) is not None]
+                for name in test_sets}
+        written.append(out_dir / "wer_over_seeds.png")
+        plots.wer_over_seeds({name: b for name, b in bars.items() if b}, written[-1], style)
     if report.benchmarks:
         written.append(out_dir / "encoder_time.png")
         plots.encoder_time(report.benchmarks, written[-1])
@@ -361,13 +373,14 @@ def comparison_table(report: Report) -> tuple[list, list, list]:
     """Header, rows and which columns are numbers: one row per comparison."""
     labels = report.labels
     header = ["question", "A", "B", "test set", "WER A", "WER B", "B - A", "95% interval",
-              "excludes 0"]
-    numeric = [False, False, False, False, True, True, True, False, False]
+              "excludes 0", "seed share"]
+    numeric = [False, False, False, False, True, True, True, False, False, True]
     rows = [
-        [c["question"], labels.get(c["a"], c["a"]), labels.get(c["b"], c["b"]), c["test_set"], f"{c['error_rate_a']:.2f}",
-         f"{c['error_rate_b']:.2f}", f"{c['difference']:+.2f}",
+        [c["question"], labels.get(c["a"], c["a"]), labels.get(c["b"], c["b"]), c["test_set"],
+         f"{c['error_rate_a']:.2f}", f"{c['error_rate_b']:.2f}", f"{c['difference']:+.2f}",
          f"[{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]",
-         "yes" if c["excludes_zero"] else "no"]
+         "yes" if c["excludes_zero"] else "no",
+         f"{c['seed_share']:.2f}" if "seed_share" in c else MISSING]
         for a in report.answers for c in a.comparisons
     ]
     return header, rows, numeric
@@ -392,7 +405,7 @@ def gather(exp_dir: Path, out_dir: Path, samples: int) -> Report:
     for system in (s for s in systems if s.stale):
         logging.warning(f"{system.name} is stale, marked so and not compared: "
                         f"{'; '.join(system.stale)}")
-    test_sets = sorted({name for s in systems for name in s.test_sets})
+    test_sets = test_set_names(systems)
     units = {unit for s in systems for t in s.test_sets.values() for unit in t.scores}
     models = list({id(s.model): s.model for s in systems}.values())
     benchmarks = {
@@ -407,25 +420,53 @@ def gather(exp_dir: Path, out_dir: Path, samples: int) -> Report:
     )
 
 
-def over_seeds(report: Report) -> list[list[str]]:
-    """Per model trained with several seeds and decode: the seeds, and WER mean ± sd (ddof 1) per
-    test set; empty where no model has more than one seed."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+@dataclass(frozen=True)
+class SeedGroup:
+    """The current rows of one model's seeds decoded with one decode's name."""
+
+    model: str  # the model the seeds share (``Model.group``)
+    decode: str
+    encoder: str
+    rows: list[dict]
+
+
+def seed_groups(report: Report) -> list[SeedGroup]:
+    """Every model and decode, its current (not stale) rows over the seeds, in the table's order."""
+    groups: dict[tuple[str, str], SeedGroup] = {}
     for system, row in zip(report.systems, report.rows):
         if not row["stale"]:
-            groups.setdefault((system.model.group, system.decode), []).append(row)
-    test_sets = sorted({name for s in report.systems for name in s.test_sets})
+            key = (system.model.group, system.decode)
+            groups.setdefault(key, SeedGroup(*key, system.model.arch.encoder, [])).rows.append(row)
+    return list(groups.values())
+
+
+def mean_sd(group: SeedGroup, key: str) -> tuple[float, float | None] | None:
+    """Mean and sd (ddof 1; None for one value) of a column over a group's seeds, None if unmeasured."""
+    values = [r[key] for r in group.rows if r.get(key) is not None]
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def over_seeds(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per model trained with several seeds and decode, the seeds, and WER then
+    CER mean ± sd per test set; no rows where no model has more than one seed."""
+    keys = [Column(f"{prefix}_{t}", f"{prefix.upper()} {t} (%) mean ± sd")
+            for prefix in ("wer", "cer") for t in test_set_names(report.systems)
+            if any(r.get(f"{prefix}_{t}") is not None for r in report.rows)]
     rows = []
-    for (group, decode), members in groups.items():
-        if len(members) < 2:
-            continue
-        cells = [group, decode, str(len(members))]
-        for name in test_sets:
-            values = [r[f"wer_{name}"] for r in members if r.get(f"wer_{name}") is not None]
-            cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-                         if len(values) > 1 else MISSING)
+    for group in (g for g in seed_groups(report) if len(g.rows) > 1):
+        cells = [group.model, group.decode, str(len(group.rows))]
+        for column in keys:
+            spread = mean_sd(group, column.key)
+            cells.append(f"{spread[0]:.2f} ± {spread[1]:.2f}" if spread and spread[1] is not None
+                         else MISSING)
         rows.append(cells)
-    return rows
+    return ["model", "decode", "seeds", *(c.label for c in keys)], rows
+
+
+def test_set_names(systems: list[System]) -> list[str]:
+    return sorted({name for s in systems for name in s.test_sets})
 
 
 def write_markdown(report: Report, figures: list[Path], path: Path) -> None:
@@ -440,12 +481,10 @@ def write_markdown(report: Report, figures: list[Path], path: Path) -> None:
             ["model", "decode", *(c.label for c in cer)],
             [[r["model"], r["decode"], *(cell(c, r[c.key]) for c in cer)] for r in report.rows],
             [False, False, *(True for _ in cer)])]
-    seeds = over_seeds(report)
+    header, seeds = over_seeds(report)
     if seeds:
-        test_sets = sorted({name for s in report.systems for name in s.test_sets})
-        md += ["## Over seeds", markdown_table(
-            ["model", "decode", "seeds", *(f"WER {t} (%) mean ± sd" for t in test_sets)], seeds,
-            [False, False, True, *(True for _ in test_sets)])]
+        md += ["## Over seeds", markdown_table(header, seeds,
+                                               [False, False, *(True for _ in header[2:])])]
     md.append("## Comparisons")
     header, rows, numeric = comparison_table(report)
     if rows:

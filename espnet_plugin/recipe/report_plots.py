@@ -90,6 +90,46 @@ def bar_chart(bars: list[Bar], xlabel: str, path: Path, style: Style) -> None:
     _save(figure, path, _encoder_handles(style, {b.encoder for b in bars}), "encoder")
 
 
+@dataclass(frozen=True)
+class ErrorBar:
+    """A model's error rate over its seeds: the mean, and the sd where it has several."""
+
+    label: str
+    encoder: str
+    mean: float
+    sd: float | None
+    seeds: int
+
+
+def wer_over_seeds(panels: dict[str, list[ErrorBar]], path: Path, style: Style) -> Figure:
+    """One panel per test set: each model's WER mean over its seeds as a bar, the sd over them as
+    an error bar either side (none for one seed), the same models in every panel."""
+    labels = list(dict.fromkeys(b.label for bars in panels.values() for b in bars))
+    rows = {label: len(labels) - 1 - i for i, label in enumerate(labels)}  # first at the top
+    figure = _figure(max(2.5, 0.9 + 0.28 * len(labels)))
+    axes_row = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for axes, (test_set, bars) in zip(axes_row, panels.items()):
+        axes.barh([rows[b.label] for b in bars], [b.mean for b in bars],
+                  color=[style.colour(b.encoder) for b in bars])
+        spread = [b for b in bars if b.sd is not None]
+        if spread:
+            axes.errorbar([b.mean for b in spread], [rows[b.label] for b in spread],
+                          xerr=[b.sd for b in spread], fmt="none", ecolor="black",
+                          elinewidth=0.8, capsize=2)
+        for b in bars:
+            spread = "" if b.sd is None else f" ± {b.sd:.2g}"
+            axes.annotate(f"{b.mean:.3g}{spread} (n={b.seeds})", (b.mean + (b.sd or 0.0),
+                          rows[b.label]), xytext=(2, 0), textcoords="offset points",
+                          va="center", fontsize="xx-small")
+        axes.set_xlabel(f"WER on {test_set} (%)", fontsize="small")
+        axes.tick_params(labelsize="x-small")
+        axes.margins(x=0.35)  # room for the values
+    axes_row[0].set_yticks(list(rows.values()), list(rows), fontsize="x-small")
+    encoders = {b.encoder for bars in panels.values() for b in bars}
+    _save(figure, path, _encoder_handles(style, encoders), "encoder")
+    return figure
+
+
 def name_points(axes: Axes, points: list[Point]) -> list[Annotation]:
     """Write each point's model name beside it (one name list where points coincide), then move
     names up, lowest first, until no two overlap (and to the left of their point where they would
