@@ -151,9 +151,9 @@ class Transcriber:
 
         if long_audio not in LONG_AUDIO:
             raise UserError(f"--long_audio {long_audio!r}: expected one of {', '.join(LONG_AUDIO)}")
-        if not 0 <= overlap_seconds < max_seconds / 2:
+        if not 0 <= overlap_seconds < max_seconds:
             raise UserError(f"--overlap_seconds {overlap_seconds}: expected 0 or more and under "
-                            f"half of --max_seconds {max_seconds}")
+                            f"--max_seconds {max_seconds}")
         if batch_size < 1:
             raise UserError(f"--batch_size must be 1 or more, got {batch_size}")
         self.speech2text, self.fs = speech2text, fs
