@@ -13,6 +13,8 @@ import json
 import sys
 from dataclasses import asdict
 
+from tqdm import tqdm
+
 from espnet_plugin.cli import UserError, run
 from espnet_plugin.transcribe import add_arguments, from_arguments
 
@@ -46,7 +48,8 @@ def main(argv=None) -> None:
                                          progress=True):
         if result.error:
             failed += 1
-            print(f"{get_parser().prog}: error: {result.error}", file=sys.stderr, flush=True)
+            # The progress bar's own write: the line stays whole under the bar.
+            tqdm.write(f"{__spec__.name}: error: {result.error}", file=sys.stderr)
         elif args.output_format == "json":
             record = asdict(result)
             del record["error"]
