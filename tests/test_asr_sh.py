@@ -16,11 +16,11 @@ def run_asr_sh(recipe: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("stage", ["0", "12", "42", "three"])
+@pytest.mark.parametrize("stage", ["0", "14", "42", "three"])
 def test_unknown_stage_is_refused(tmp_path, stage):
     result = run_asr_sh(tmp_path, "--stage", stage, *SETS)
     assert result.returncode != 0
-    assert f"unknown --stage {stage}: stages are 1..11" in result.stderr
+    assert f"unknown --stage {stage}: stages are 1..13" in result.stderr
 
 
 def test_unknown_option_is_refused(tmp_path):

@@ -23,6 +23,10 @@
 #   9  scoring: WER and CER with S/D/I counts, alignments and result.json per test set
 #   10 profiling of every decoded test set: decoder cache, time, real-time factor, peak memory
 #   11 comparison report over every model under exp/: tables, CSV, plots, paired bootstrap
+#   12 packing: the experiment into exp/asr_<tag>/packed/<tag>.zip, ESPnet's packed-model layout
+#      with a model card (README.md), RESULTS.md, decode.yaml and checksums; refuses a stale or
+#      unfinished experiment. Load it with python -m espnet_plugin.bin.transcribe --model <zip>
+#   13 upload of that zip to the Hugging Face model repository --hf_repo (your own login)
 #
 # Every output records what it was made from (options, input file contents, config sections) in a
 # .stamp file: a re-run skips what is up to date and redoes, saying why, what its inputs changed.
@@ -32,11 +36,11 @@ set -euo pipefail
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (${0##*/}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
 
-readonly min_stage=1 max_stage=11
+readonly min_stage=1 max_stage=13
 
 # General options
 stage=1                  # first stage to run
-stop_stage=11            # last stage to run
+stop_stage=13            # last stage to run
 python=python3           # the Python that has espnet_plugin installed
 nj=4                     # parallel jobs for formatting and statistics collection
 inference_nj=2           # parallel jobs for decoding
@@ -100,6 +104,10 @@ inference_lm=valid.loss.ave.pth
 lm_weights=              # e.g. "0.1 0.3 0.5": each decodes --lm_tune_set, the best one the test sets
 lm_tune_set=             # the set the LM weight is chosen on (default: --valid_set)
 
+# Sharing options
+hf_repo=                 # stage 13: the Hugging Face model repository, <user>/<name> (empty: no upload)
+hf_private=false         # stage 13: a new repository is private
+
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; echo; \
     echo "Options (default):"; \
     grep -E '^[a-z_]+=.*#' "$0" | sed 's/^/  --/; s/=/ (/; s/ *#/) #/'; }
@@ -150,6 +158,7 @@ one_of overwrite true false
 one_of dry_run true false
 one_of bad_audio fail drop
 one_of resample true false
+one_of hf_private true false
 [ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
     || die "--train_set, --valid_set and --test_sets are required"
 [[ ${finetune_epochs} =~ ^[0-9]+$ ]] || die "--finetune_epochs '${finetune_epochs}': expected a whole number"
@@ -298,7 +307,9 @@ if [ "${dry_run}" = false ]; then
     fi
     if runs 3; then take_lock "${token_dir}" "the token list"; fi
     if runs 4 && [ -z "${finetune_from}" ]; then take_lock "${asr_stats_dir}" "the statistics"; fi
-    if runs 5 || runs 8 || runs 9 || runs 10; then take_lock "${asr_exp}" "the experiment"; fi
+    if runs 5 || runs 8 || runs 9 || runs 10 || runs 12 || runs 13; then
+        take_lock "${asr_exp}" "the experiment"
+    fi
     if [ "${use_lm}" = true ] && { runs 6 || runs 7; }; then take_lock "${lm_exp}" "the LM"; fi
     if runs 11; then take_lock "${expdir}/report" "the report"; fi
 fi
@@ -640,6 +651,7 @@ if [ "${use_lm}" = true ] && runs 7; then
 fi
 
 # ---- 8: decoding ----
+packed_zip=${asr_exp}/packed/${asr_tag}.zip
 decode_tag_of() {  # decode_tag_of <inference args>: the decode dir names the config, the options
     local tag                # given on top of it and the models
     tag=$( [ -n "${inference_config}" ] && basename "${inference_config}" .yaml || echo decode )
@@ -780,6 +792,45 @@ elif runs 11; then
     log "Stage 11: comparison report over ${expdir}"
     ${python} -m espnet_plugin.recipe.report --exp_dir "${expdir}" --out_dir "${expdir}/report"
     log "  ${expdir}/report/RESULTS.md"
+fi
+
+# ---- 12: packing ----
+if runs 12; then
+    log "Stage 12: packing ${asr_exp} into ${packed_zip}"
+    require "${asr_exp}/${inference_asr_model}" "stage 5 (training)"
+    pack_files=("${token_files[@]}")
+    stats_file=$(${python} -c 'import sys, yaml
+print((yaml.safe_load(open(sys.argv[1])).get("normalize_conf") or {}).get("stats_file", ""))' \
+        "${asr_exp}/config.yaml")
+    [ -z "${stats_file}" ] || pack_files+=("${stats_file}")
+    mapfile -t inputs < <(file_opts "${model_files[@]}" "${pack_files[@]}"
+        for dset in ${test_sets}; do echo --file; echo "${asr_exp}/${decode_tag}/${dset}/score_word/result.json"; done)
+    inputs+=(--option "inference_args=${inference_args}" --option "test_sets=${test_sets}")
+    if needs_work "${asr_exp}/packed" "${inputs[@]}"; then
+        pack_opts=()
+        for f in "${pack_files[@]}"; do pack_opts+=(--file "${f}"); done
+        if [ "${use_lm}" = true ]; then
+            pack_opts+=(--lm_config "${lm_exp}/config.yaml" --lm_file "${lm_exp}/${inference_lm}")
+        fi
+        rm -rf "${asr_exp}/packed"
+        ${python} -m espnet_plugin.recipe.pack --exp_dir "${asr_exp}" --weights "${inference_asr_model}" \
+            --decode_dir "${decode_tag}" --test_sets "${test_sets}" --train_set "${train_set}${sp_suffix}" \
+            --inference_config "${inference_config}" --inference_args "${inference_args}" \
+            "${pack_opts[@]}" --out "${packed_zip}"
+        stamp write --dir "${asr_exp}/packed" "${inputs[@]}"
+    fi
+fi
+
+# ---- 13: upload ----
+if runs 13 && [ -z "${hf_repo}" ]; then
+    log "Stage 13: skipped: no --hf_repo (the Hugging Face repository to upload to)"
+elif runs 13 && [ "${dry_run}" = true ]; then
+    log "Stage 13: (dry run) would upload ${packed_zip} to ${hf_repo}"
+elif runs 13; then
+    log "Stage 13: uploading ${packed_zip} to https://huggingface.co/${hf_repo}"
+    require "${packed_zip}" "stage 12 (packing)"
+    ${python} -m espnet_plugin.recipe.upload --zip "${packed_zip}" --repo "${hf_repo}" \
+        --private "${hf_private}"
 fi
 
 if [ "${dry_run}" = true ]; then
