@@ -32,7 +32,9 @@ setup(
         "ninja",  # torch.utils.cpp_extension builds the fused CPU kernels with it
     ],
     extras_require={
-        "test": ["pytest"],
+        # huggingface_hub: asr.sh stage 13's upload (its test calls it up to the network).
+        "test": ["pytest", "huggingface_hub"],
+        "hub": ["huggingface_hub"],
         # benchmark_scan's comparison with mambapy's pure-PyTorch Mamba; never imported otherwise.
         "benchmark": ["mambapy"],
         # The fused Mamba kernels only build against a CUDA torch.
