@@ -66,6 +66,8 @@ class Transcript:
 def read_audio(path: Union[str, Path], fs: Optional[int], resample: bool) -> np.ndarray:
     """The file's samples, mono, at ``fs`` (resampled unless ``resample`` is False); a file that
     cannot be read, is empty or, with ``resample`` False, is at another rate is a UserError."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such audio file")
     try:
         wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as err:
@@ -303,11 +305,15 @@ class Transcriber:
         """The words of a piece's hypothesis, placed in the piece by a CTC forced alignment."""
         import torchaudio
 
+        from espnet_plugin.asr_model import frame_log_softmax
+
         encoded = self.decoder.encode(key)
         token_int = [t for t in token_int if t != 0]
         if encoded is None or not token_int:
             return []
-        log_probs = self.speech2text.asr_model.ctc.log_softmax(encoded[None]).float().cpu()
+        _, ctc_frames = encoded  # what CTC scores: the full-rate output of ctc_dechunked
+        log_probs = frame_log_softmax(self.speech2text.asr_model.ctc,
+                                      ctc_frames[None]).float().cpu()
         seconds_per_frame = len(self.pieces[key]) / self.rate / log_probs.size(1)
         try:
             labels, scores = torchaudio.functional.forced_align(

@@ -28,7 +28,7 @@ def upload(zip_path: Path, repo: str, private: bool) -> str:
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise UserError(f"--hf_repo {repo!r}: expected <user or organisation>/<name>")
     verify(zip_path)
-    folder = zip_path.parent / "hf"
+    folder = zip_path.resolve().parent / "hf"
     shutil.rmtree(folder, ignore_errors=True)  # made from the zip each time
     with zipfile.ZipFile(zip_path) as archive:
         archive.extractall(folder)
