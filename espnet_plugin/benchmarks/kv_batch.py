@@ -28,16 +28,19 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import humanfriendly
 import numpy as np
+import soundfile
 import torch
 import yaml
 from espnet2.bin.asr_inference import Speech2Text
+from espnet2.fileio.read_text import read_2columns_text
 
 import espnet_plugin  # noqa: F401  (registers the plugin's classes)
 from espnet_plugin.benchmarks.chunking import (
     hold_back_eos,
     random_weight_config,
-    read_utterances,
+    read_wave,
     warnings_silenced,
 )
 from espnet_plugin.benchmarks.kv_cache import (
@@ -72,7 +75,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--seconds", type=float, default=None,
         help="decode utterances of exactly this length, joined from the wav.scp's recordings")
     add("--max_utterances", type=int, default=None, help="read only the first N of the wav.scp")
-    add("--fs", type=int, default=16000, help="the audio's sampling rate")
+    add("--fs", default="16k", help="the audio's sampling rate (16000, 16k)")
     add("--batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     add("--memory_budget_mb", type=float, default=None,
         help="report the largest batch whose peak decoding memory is within this many MB")
@@ -91,7 +94,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--log_level", default="WARNING")
     add("--output", type=Path, default=Path("benchmark_kv_batch.json"))
     add("--plot", type=Path, default=None, help="draw throughput and memory against batch here")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # asr_inference options that do not change what is decoded (asr.sh passes them)
+        logging.warning(f"ignoring options this benchmark does not use: {' '.join(unknown)}")
+    args.fs = int(humanfriendly.parse_size(args.fs))
     args.lm_file = None  # decoding_options: no language model is fused here
     if min(args.batch_sizes) < 1:
         raise UserError(f"--batch_sizes must be 1 or more, got {args.batch_sizes}")
@@ -336,10 +342,23 @@ def print_summary(models: list[dict]) -> None:
 
 
 def utterance_set(args) -> dict[str, np.ndarray]:
-    audio = read_utterances(args)
-    if args.seconds is not None:
-        audio = joined_utterances(audio, args.seconds, args.fs, max(args.batch_sizes))
-    return audio
+    """The utterances the largest batch decodes: the wav.scp's longest (only those are loaded),
+    or with ``--seconds`` utterances of that length joined from its recordings in order."""
+    paths = list(read_2columns_text(args.wav_scp).items())[: args.max_utterances]
+    if not paths:
+        raise UserError(f"--wav_scp {args.wav_scp} lists no utterance")
+    count = max(args.batch_sizes)
+    if args.seconds is None:
+        frames = {key: soundfile.info(path).frames for key, path in paths}
+        paths = sorted(paths, key=lambda kv: -frames[kv[0]])[:count]
+        return {key: read_wave(key, path, args.fs) for key, path in paths}
+    audio, needed = {}, args.seconds * args.fs * count
+    for key, path in paths:
+        audio[key] = read_wave(key, path, args.fs)
+        needed -= len(audio[key])
+        if needed <= 0:
+            break
+    return joined_utterances(audio, args.seconds, args.fs, count)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
