@@ -18,7 +18,7 @@ from conftest import LIBRISPEECH_MINI, REPO
 from espnet_plugin.benchmarks import kv_batch
 from espnet_plugin.cli import UserError
 from espnet_plugin.recipe.report_plots import throughput_and_memory
-from test_profile_kv_cache import FLOAT32, encoder_frames, entry_numbers
+from test_profile_kv_cache import FLOAT32, build_model, encoder_frames, entry_numbers
 
 CONFIGS = REPO / "egs2/asterisk_en/asr1/conf/tuning"
 FS, SECONDS, TOKENS_PER_SECOND, BEAM, BATCH = 16000, 1.0, 5.0, 2, 3
@@ -127,3 +127,31 @@ def test_figure_from_hand_made_rows(tmp_path):
     path = tmp_path / "kv.png"
     throughput_and_memory({"mha": rows, "mla": rows[:2]}, path, budget_mb=3)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_10_command_line_on_a_trained_model(tmp_path, wav_scp, caplog):
+    """As asr.sh's stage 10 calls it: a model saved as training saves it, decoded with its own
+    ending; the decoding options that do not apply (an LM) are ignored with a warning."""
+    model_dir, _ = build_model(tmp_path / "model", CONFIGS / "train_asr_conformer_gqa_small.yaml")
+    decode_config = tmp_path / "decode.yaml"
+    decode_config.write_text("beam_size: 2\nctc_weight: 0.3\nmaxlenratio: 0.5\n")
+    out = tmp_path / "profile" / "kv_batch.json"
+    out.parent.mkdir()
+    report = kv_batch.main([
+        "--asr_train_config", str(model_dir / "config.yaml"),
+        "--asr_model_file", str(model_dir / "model.pth"), "--inference_config", str(decode_config),
+        "--lm_train_config", "lm/config.yaml", "--lm_file", "lm/model.pth", "--device", "cpu",
+        "--wav_scp", str(wav_scp), "--fs", "16k", "--batch_sizes", "1", "2",
+        "--output", str(out), "--beam_size", "3",
+    ])
+    assert "ignoring options this benchmark does not use: --lm_train_config" in caplog.text
+    assert report["settings"]["beam_size"] == 3 and report["settings"]["weights"] == "trained"
+    rows = report["models"][0]["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    assert all(r["cache_equals_analytic"] for r in rows)
+    # Batch 1 decodes the longer of the two utterances alone; batch 2 both.
+    longest = max(wav_scp.read_text().splitlines(),
+                  key=lambda line: soundfile.info(line.split()[1]).frames).split()[0]
+    assert rows[0]["keys"] == [longest] and sorted(rows[1]["keys"]) == sorted(
+        line.split()[0] for line in wav_scp.read_text().splitlines())
+    assert json.loads(out.read_text())["models"][0]["largest_batch_within_budget"] is None

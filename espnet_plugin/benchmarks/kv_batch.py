@@ -281,7 +281,7 @@ def measure_batch(decoder: inference.BatchDecoder, state: SearchState, keys: lis
 
 def measure_model(speech2text: Speech2Text, audio: dict[str, np.ndarray], fs: int,
                   batch_sizes: Sequence[int], args, name: str) -> dict:
-    """Every batch size of one model, its utterances the longest first; batch 1 first."""
+    """Every batch size of one model, smallest first, its utterances the longest first."""
     search, why_not = inference.batched_search(speech2text)
     if search is None:
         raise UserError(f"{name}: the batched search cannot decode this model: {why_not}")
@@ -294,7 +294,9 @@ def measure_model(speech2text: Speech2Text, audio: dict[str, np.ndarray], fs: in
         set_steps(speech2text, audio, warm_up, fs, args.tokens_per_second)
         with warnings_silenced(args.tokens_per_second is not None):
             list(decoder(warm_up))
-        for batch_size in sorted(set(batch_sizes) | {1}):
+        # A budget is checked on the longest utterance alone first: batch 1.
+        checked = {1} if args.memory_budget_mb is not None else set()
+        for batch_size in sorted(set(batch_sizes) | checked):
             batch = [keys[i % len(keys)] for i in range(batch_size)]
             steps = set_steps(speech2text, audio, batch, fs, args.tokens_per_second)
             seconds = sum(len(audio[k]) for k in batch) / fs
