@@ -13,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Annotation, Text
+from matplotlib.ticker import NullLocator
 from matplotlib.transforms import Bbox
 
 from espnet_plugin.cli import UserError
@@ -234,8 +235,11 @@ def throughput_and_memory(models: dict[str, list[dict]], path: Path,
     if budget_mb is not None:
         memory.axhline(budget_mb, color="grey", linestyle="--", linewidth=0.8)
         handles.append(Line2D([], [], color="grey", linestyle="--", label="memory budget"))
+    sizes = sorted({r["batch_size"] for rows in models.values() for r in rows})
     for axes, label in ((speed, "utterances per second"), (memory, "peak decoding memory (MB)")):
         axes.set_xscale("log", base=2)
+        axes.set_xticks(sizes, [str(size) for size in sizes])  # batch sizes as they are
+        axes.xaxis.set_minor_locator(NullLocator())
         axes.set_yscale("log")
         axes.set_xlabel("batch size (utterances)", fontsize="small")
         axes.set_ylabel(label, fontsize="small")
