@@ -661,3 +661,48 @@ def test_the_seed_share_column_shows_results_json(tmp_path):
               if c["question"].endswith("(pooled over seeds)")]
     assert len(pooled) == 1 and 0 < pooled[0]["seed_share"] < 1  # the seeds disagree
     assert f"| {pooled[0]['seed_share']:.2f} |" in (tmp_path / "out/RESULTS.md").read_text()
+
+
+def kv_batch(rows, budget_mb=None, largest=None):
+    """A benchmark_kv_batch JSON of one model, as stage 10 writes it: rows (batch size, seconds,
+    peak MB)."""
+    return {"models": [{"model": "config", "memory_budget_mb": budget_mb,
+                        "largest_batch_within_budget": largest,
+                        "rows": [{"batch_size": b, "seconds": s, "utterances_per_second": b / s,
+                                  "peak_bytes": mb * 2**20} for b, s, mb in rows]}]}
+
+
+def test_batched_decoding_columns_and_figure(tmp_path):
+    study = Study(tmp_path)
+    study.model("asr_mha", conformer("mha"))
+    study.model("asr_mla", conformer("mla"))
+    for name in ("asr_mha", "asr_mla"):
+        for test_set in TEST_SETS:
+            study.decode(name, test_set, "poor", stats=profile(30, kb=40))
+    def batches_file(model, test_set):
+        return study.exp / model / DECODE / test_set / "profile" / "kv_batch.json"
+
+    # MHA: 8 utterances in 4 s on one test set, in 2 s on the other: 16 / 6 utt/s at batch 8;
+    # its budget fits batch 8 on one test set and batch 1 only on the other.
+    for test_set, seconds, largest in zip(TEST_SETS, (4.0, 2.0), (8, 1)):
+        write(batches_file("asr_mha", test_set),
+              json.dumps(kv_batch([(1, 1.0, 100), (8, seconds, 300)], 200, largest)))
+    write(batches_file("asr_mla", "test_clean"), json.dumps(kv_batch([(1, 1.0, 50), (4, 1.0, 80)])))
+    out = tmp_path / "out"
+    main(["--exp_dir", str(study.exp), "--out_dir", str(out)])
+    rows = rows_by_system(out)
+    mha, mla = rows[f"asr_mha/{DECODE}"], rows[f"asr_mla/{DECODE}"]
+    assert (mha["batch_size"], mha["largest_batch_within_budget"]) == (8, 1)
+    assert mha["batch_utterances_per_second"] == pytest.approx(16 / 6)
+    assert (mla["batch_size"], mla["batch_utterances_per_second"]) == (4, 4.0)
+    assert mla["largest_batch_within_budget"] is None  # no budget given
+    assert "batch in budget" in (out / "RESULTS.md").read_text()
+    assert "batch_throughput.png" in results(out)["figures"]
+    assert_png(out / "batch_throughput.png")
+
+
+def test_a_malformed_batch_profile_is_named(small_study, tmp_path):
+    path = small_study.exp / DECODE.join(["asr_mha/", "/test_clean/profile/kv_batch.json"])
+    write(path, json.dumps(kv_batch([(2, -1.0, 10)])))
+    assert f"{path} row 0: 'seconds' must be a positive number" in report_error(
+        small_study.exp, tmp_path)

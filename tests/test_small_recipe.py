@@ -37,6 +37,13 @@ def test_every_stage_leaves_its_outputs(recipe):
     assert len(list((recipe / "exp" / "logs").glob("asr.sh.*.log"))) >= 1
     report = (recipe / "exp/report/RESULTS.md").read_text()
     assert "test" in report
+    # Stage 10's batched decodes (asr.sh's default --profile_batch_sizes "1 8"), in the report.
+    batches = json.loads((recipe / ASR_EXP / DECODE / "test/profile/kv_batch.json").read_text())
+    rows = batches["models"][0]["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 8]
+    assert all(r["cache_equals_analytic"] and r["utterances_per_second"] > 0 for r in rows)
+    assert "utt/s at batch" in report
+    assert (recipe / "exp/report/batch_throughput.png").is_file()
 
 
 def test_conmamba_training_loss_goes_down_on_real_speech(recipe):

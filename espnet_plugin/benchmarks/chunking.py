@@ -138,15 +138,20 @@ def warnings_silenced(silenced: bool):
         logging.disable(previous)
 
 
+def read_wave(key: str, path: str, fs: int) -> np.ndarray:
+    """The waveform of utterance ``key``, refused unless it is mono at ``fs`` (--fs)."""
+    wave, rate = soundfile_read(path, dtype=np.float32)
+    if rate != fs or wave.ndim != 1:
+        raise UserError(f"{path} ({key}) is {rate} Hz with shape {wave.shape}, "
+                         f"expected {fs} Hz mono (--fs)")
+    return wave
+
+
 def read_utterances(args) -> dict[str, np.ndarray]:
     """Utterance id -> waveform at --fs, from --wav_scp."""
-    utterances = {}
-    for key, path in list(read_2columns_text(args.wav_scp).items())[: args.max_utterances]:
-        wave, rate = soundfile_read(path, dtype=np.float32)
-        if rate != args.fs or wave.ndim != 1:
-            raise UserError(f"{path} ({key}) is {rate} Hz with shape {wave.shape}, "
-                             f"expected {args.fs} Hz mono (--fs)")
-        utterances[key] = wave
+    utterances = {key: read_wave(key, path, args.fs)
+                  for key, path in list(read_2columns_text(args.wav_scp).items())[
+                      : args.max_utterances]}
     if not utterances:
         raise UserError(f"--wav_scp {args.wav_scp} lists no utterance")
     return utterances

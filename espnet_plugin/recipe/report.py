@@ -6,15 +6,18 @@ Reads every scored decode under ``--exp_dir`` (the layout asr.sh writes, see
 - ``RESULTS.md`` and ``RESULTS.txt``: one row per system (model, decode dir), grouped by encoder,
   then attention type, then model name: WER per test set, parameters, decoder cache per utterance
   and its ratio to the MHA sibling (measured, and the analytic one beside it), decode time, RTF,
-  peak memory, dynamic chunking's kept share of frames; then the comparisons the study asks for,
-  each a paired bootstrap of the WER difference on the same utterances (pooled over seeds where
-  a model has several: their share of its variance beside it); then the figures. Models trained
-  with several seeds get a table of WER and CER mean ± sd over them.
+  peak memory, dynamic chunking's kept share of frames, utterances per second at the largest
+  batch stage 10 decoded and the largest batch within the memory budget; then the comparisons the
+  study asks for, each a paired bootstrap of the WER difference on the same utterances (pooled
+  over seeds where a model has several: their share of its variance beside it); then the figures.
+  Models trained with several seeds get a table of WER and CER mean ± sd over them.
 - ``results.csv``: the same rows at full precision (missing values are empty cells), with CER.
 - ``results.json``: the rows, every test set's scores and profile, and the comparisons.
-- PNG figures: ``cache_kb.png``, ``wer_vs_cache.png``, ``decode_time.png``, ``encoder_time.png``
-  (from any ``benchmark_encoder*.json`` under exp_dir), ``wer_over_seeds.png`` (WER mean and sd
-  over seeds per model, when some model has several), each only when there is data for it.
+- PNG figures: ``cache_kb.png``, ``wer_vs_cache.png``, ``decode_time.png``,
+  ``batch_throughput.png`` (utterances per second and peak memory against batch size, from
+  stage 10's ``profile/kv_batch.json``), ``encoder_time.png`` (from any
+  ``benchmark_encoder*.json`` under exp_dir), ``wer_over_seeds.png`` (WER mean and sd over seeds
+  per model, when some model has several), each only when there is data for it.
 
 A system whose results no longer match the files they were made from (a stamp lists a file that
 has changed or is gone, or a stamp is missing) is marked stale, left out of the comparisons and
@@ -118,6 +121,31 @@ def measured_ratio(system: System, sibling: System | None) -> float | None:
     return None if own is None or not theirs else own / theirs
 
 
+def batch_rows(system: System) -> list[dict]:
+    """Stage 10's batched decodes over the profiled test sets, per batch size: utterances per
+    second (all utterances over all seconds) and the largest peak."""
+    sizes: dict[int, list[dict]] = {}
+    for test_set in _profiled(system):
+        for row in (test_set.profile.get("batches") or {}).get("rows", []):
+            sizes.setdefault(row["batch_size"], []).append(row)
+    return [{"batch_size": size,
+             "utterances_per_second": size * len(rows) / sum(r["seconds"] for r in rows),
+             "peak_bytes": max(r["peak_bytes"] for r in rows)}
+            for size, rows in sorted(sizes.items())]
+
+
+def batch_numbers(system: System) -> dict:
+    """The largest batch measured, its utterances per second, and the largest batch within the
+    memory budget on every profiled test set (the smallest of theirs)."""
+    rows = batch_rows(system)
+    within = [t.profile["batches"]["largest_batch_within_budget"] for t in _profiled(system)
+              if t.profile.get("batches") and t.profile["batches"].get("memory_budget_mb")]
+    return {"batch_size": rows[-1]["batch_size"] if rows else None,
+            "batch_utterances_per_second": rows[-1]["utterances_per_second"] if rows else None,
+            "largest_batch_within_budget": (None if not within or None in within
+                                            else min(within))}
+
+
 def profile_numbers(system: System) -> dict:
     profiled = _profiled(system)
     audio = sum(t.profile["audio_seconds"] for t in profiled)
@@ -137,6 +165,7 @@ def profile_numbers(system: System) -> dict:
         "rtf": decode_ms / 1000 / audio if profiled else None,
         "peak_memory_mb": max(peaks) / MB if peaks else None,
         "chunking_ratio": sum(c["kept_frames"] for c in chunked) / frames if frames else None,
+        **batch_numbers(system),
     }
 
 
@@ -171,6 +200,9 @@ def columns(test_sets: list[str], units: set[str]) -> tuple[list[Column], list[C
         Column("rtf", "RTF", ".3f"),
         Column("peak_memory_mb", "peak MB", ".0f"),
         Column("chunking_ratio", "kept frames", ".3f", optional=True),
+        Column("batch_size", "batch", optional=True),
+        Column("batch_utterances_per_second", "utt/s at batch", ".2f", optional=True),
+        Column("largest_batch_within_budget", "batch in budget", optional=True),
         Column("stale", "stale"),
     ]
     extra = [*(Column(f"cer_{t}", f"CER {t} (%)", ".2f") for t in test_sets if "char" in units),
@@ -326,6 +358,13 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
                 for name in test_sets}
         written.append(out_dir / "wer_over_seeds.png")
         plots.wer_over_seeds({name: b for name, b in bars.items() if b}, written[-1], style)
+    batches = {label: batch_rows(s) for s, r, label in shown if r["batch_size"] is not None}
+    if batches:
+        budgets = {t.profile["batches"].get("memory_budget_mb") for s in systems
+                   for t in _profiled(s) if t.profile.get("batches")} - {None}
+        written.append(out_dir / "batch_throughput.png")
+        plots.throughput_and_memory(batches, written[-1],
+                                    next(iter(budgets)) if len(budgets) == 1 else None)
     if report.benchmarks:
         written.append(out_dir / "encoder_time.png")
         plots.encoder_time(report.benchmarks, written[-1])
@@ -347,6 +386,13 @@ def notes(report: Report) -> list[str]:
         "same options) on the test sets both profiled; analytic: the profile's ratio to an MHA "
         "decoder of the same shape.",
     ]
+    if any(r["batch_size"] is not None for r in rows):
+        lines.append(
+            "batch: the largest batch stage 10 decoded (the test set's longest utterances, "
+            "asr.sh --profile_batch_sizes, the plugin's batched beam search, no LM); utt/s at "
+            "batch: its utterances per second; batch in budget: the largest batch whose peak "
+            "decoding memory (the search's state on a CPU, torch.cuda.max_memory_allocated on a "
+            "GPU) is within asr.sh --memory_budget_mb, the smallest over the test sets.")
     siblings = sorted({(labels[s.name], labels[r["mha_sibling"]]) for s, r in zip(systems, rows)
                        if r["mha_sibling"] and r["mha_sibling"] != s.name})
     if siblings:

@@ -13,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Annotation, Text
+from matplotlib.ticker import NullLocator
 from matplotlib.transforms import Bbox
 
 from espnet_plugin.cli import UserError
@@ -252,3 +253,35 @@ def encoder_time(benchmarks: dict[str, list[dict]], path: Path) -> None:
         axes.set_ylabel("encoder time (ms)", fontsize="small")
         axes.tick_params(labelsize="x-small")
     _save(figure, path, list(handles.values()), below=True)
+
+
+def throughput_and_memory(models: dict[str, list[dict]], path: Path,
+                          budget_mb: float | None = None) -> None:
+    """Per model (attention type), against batch size: utterances per second (left) and peak
+    decoding memory (right, with the budget if any); rows as ``benchmark_kv_batch`` writes them
+    (``batch_size``, ``utterances_per_second``, ``peak_bytes``)."""
+    figure = _figure(3.2)
+    speed, memory = figure.subplots(1, 2)
+    handles = []
+    for index, (name, rows) in enumerate(models.items()):
+        rows = sorted(rows, key=lambda r: r["batch_size"])
+        batches = [r["batch_size"] for r in rows]
+        colour, marker = f"C{index % 10}", MARKERS[index % len(MARKERS)]
+        speed.plot(batches, [r["utterances_per_second"] for r in rows], color=colour,
+                   marker=marker, markersize=3)
+        memory.plot(batches, [r["peak_bytes"] / 2**20 for r in rows], color=colour,
+                    marker=marker, markersize=3)
+        handles.append(Line2D([], [], color=colour, marker=marker, label=name))
+    if budget_mb is not None:
+        memory.axhline(budget_mb, color="grey", linestyle="--", linewidth=0.8)
+        handles.append(Line2D([], [], color="grey", linestyle="--", label="memory budget"))
+    sizes = sorted({r["batch_size"] for rows in models.values() for r in rows})
+    for axes, label in ((speed, "utterances per second"), (memory, "peak decoding memory (MB)")):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(sizes, [str(size) for size in sizes])  # batch sizes as they are
+        axes.xaxis.set_minor_locator(NullLocator())
+        axes.set_yscale("log")
+        axes.set_xlabel("batch size (utterances)", fontsize="small")
+        axes.set_ylabel(label, fontsize="small")
+        axes.tick_params(labelsize="x-small")
+    _save(figure, path, handles, below=True)

@@ -37,6 +37,7 @@ from espnet_plugin.recipe.stamp import ABSENT, STAMP_FILE, file_hash
 CONFIG_FILE = "config.yaml"
 CONVERSION_REPORT = "conversion/report.json"
 PROFILE_DIR, PROFILE_FILE = "profile", "decode_stats.json"
+BATCHES_FILE = "kv_batch.json"  # benchmark_kv_batch's, in PROFILE_DIR where stage 10 ran it
 LAYOUT = (
     f"<exp_dir>/<model>/<decode_dir>/<test_set>/score_<unit>/{RESULT_FILE} with "
     f"<exp_dir>/<model>/{CONFIG_FILE}"
@@ -293,6 +294,12 @@ KV_CACHE_KEYS = {
     "beam_bytes_per_utterance": (is_number, "a number"),
     "ratio_to_mha_analytic": (is_number, "a number"),
 }
+BATCH_ROW_KEYS = {
+    "batch_size": (lambda v: is_count(v) and v > 0, "a positive whole number"),
+    "seconds": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "utterances_per_second": (is_number, "a number"),
+    "peak_bytes": (is_count, "a whole number"),
+}
 CHUNKING_KEYS = {
     "kept_frames": (is_count, "a whole number"),
     "frames": (is_count, "a whole number"),
@@ -318,6 +325,23 @@ def read_profile(path: Path) -> dict:
     return profile
 
 
+def read_batches(path: Path) -> dict:
+    """The model of a ``benchmark_kv_batch`` JSON (stage 10 measures one): its rows by batch
+    size, the budget and the largest batch within it."""
+    models = read_json_object(path).get("models")
+    if not isinstance(models, list) or len(models) != 1 or not isinstance(models[0], dict):
+        raise UserError(f"{path}: expected 'models', a list of one benchmark_kv_batch model")
+    model = models[0]
+    rows = model.get("rows")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path}: the model needs 'rows', a list of objects")
+    for index, row in enumerate(rows):
+        _check_keys(row, BATCH_ROW_KEYS, f"{path} row {index}")
+    _check_keys(model, {"largest_batch_within_budget": (
+        lambda v: v is None or is_count(v), "a whole number or null")}, str(path))
+    return model
+
+
 def read_test_set(folder: Path, stamps: StampCheck) -> TestSet:
     decoding, stale = stamps.check(folder)
     scores, counts = {}, {}
@@ -335,6 +359,8 @@ def read_test_set(folder: Path, stamps: StampCheck) -> TestSet:
     profile = None
     if (folder / PROFILE_DIR / PROFILE_FILE).is_file():
         profile = read_profile(folder / PROFILE_DIR / PROFILE_FILE)
+        batches = folder / PROFILE_DIR / BATCHES_FILE
+        profile["batches"] = read_batches(batches) if batches.is_file() else None
         stale += stamps.check(folder / PROFILE_DIR)[1]
     return TestSet(folder.name, folder, scores, counts, profile, decoding, stale)
 

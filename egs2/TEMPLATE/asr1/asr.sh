@@ -93,6 +93,8 @@ inference_config=        # decoding YAML
 inference_args=          # extra arguments for asr_inference (they name the decode dir)
 inference_asr_model=valid.acc.ave.pth
 profile_utts=            # stage 10 profiles at most this many utterances of each test set (empty: all)
+profile_batch_sizes="1 8"  # stage 10 also decodes the longest utterances in batches of these sizes (empty: not)
+memory_budget_mb=        # stage 10: the largest of those batches whose peak decoding memory is within this
 
 # LM options
 use_lm=false
@@ -770,6 +772,9 @@ if runs 10; then
         mapfile -t inputs < <(file_opts "${model_files[@]}" "${dumpdir}/raw/${dset}/wav.scp"
                               decode_options "${inference_args}")
         inputs+=(--option "profile_utts=${profile_utts}" --option "device=${device}")
+        # Only when batches are profiled, so that profiles made before these options stay current.
+        [ -n "${profile_batch_sizes}" ] && inputs+=(--option "profile_batch_sizes=${profile_batch_sizes}"
+                                                   --option "memory_budget_mb=${memory_budget_mb}")
         needs_work "${dir}/profile" "${inputs[@]}" || continue
         rm -rf "${dir}/profile"
         profile_opts=("${inference_opts[@]}")
@@ -780,6 +785,17 @@ if runs 10; then
             --data_path_and_name_and_type "${dumpdir}/raw/${dset}/wav.scp,speech,sound" \
             --output_dir "${dir}/profile" --fs "${fs}" ${inference_args} > "${dir}/profile.log" 2>&1 \
             || { tail -n 20 "${dir}/profile.log"; die "profiling failed: see ${dir}/profile.log"; }
+        if [ -n "${profile_batch_sizes}" ]; then
+            budget_opts=()
+            [ -n "${memory_budget_mb}" ] && budget_opts=(--memory_budget_mb "${memory_budget_mb}")
+            # shellcheck disable=SC2086
+            ${python} -m espnet_plugin.bin.benchmark_kv_batch "${profile_opts[@]}" \
+                --device "${device}" --wav_scp "${dumpdir}/raw/${dset}/wav.scp" \
+                --fs "${fs}" --batch_sizes ${profile_batch_sizes} "${budget_opts[@]}" \
+                --output "${dir}/profile/kv_batch.json" ${inference_args} \
+                > "${dir}/profile_batches.log" 2>&1 \
+                || { tail -n 20 "${dir}/profile_batches.log"; die "batched profiling failed: see ${dir}/profile_batches.log"; }
+        fi
         stamp write --dir "${dir}/profile" "${inputs[@]}"
         log "  ${dset}: $(grep -m1 'RTF' "${dir}/profile.log")"
     done
