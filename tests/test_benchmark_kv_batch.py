@@ -9,6 +9,7 @@ exceeds is refused in one line naming it; the figure is written.
 """
 
 import json
+import logging
 
 import pytest
 import soundfile
@@ -137,13 +138,15 @@ def test_stage_10_command_line_on_a_trained_model(tmp_path, wav_scp, caplog):
     decode_config.write_text("beam_size: 2\nctc_weight: 0.3\nmaxlenratio: 0.5\n")
     out = tmp_path / "profile" / "kv_batch.json"
     out.parent.mkdir()
-    report = kv_batch.main([
-        "--asr_train_config", str(model_dir / "config.yaml"),
-        "--asr_model_file", str(model_dir / "model.pth"), "--inference_config", str(decode_config),
-        "--lm_train_config", "lm/config.yaml", "--lm_file", "lm/model.pth", "--device", "cpu",
-        "--wav_scp", str(wav_scp), "--fs", "16k", "--batch_sizes", "1", "2",
-        "--output", str(out), "--beam_size", "3",
-    ])
+    # at_level: whatever level (or logging.disable) the tests before this one left behind.
+    with caplog.at_level(logging.WARNING):
+        report = kv_batch.main([
+            "--asr_train_config", str(model_dir / "config.yaml"),
+            "--asr_model_file", str(model_dir / "model.pth"), "--inference_config",
+            str(decode_config), "--lm_train_config", "lm/config.yaml", "--lm_file",
+            "lm/model.pth", "--device", "cpu", "--wav_scp", str(wav_scp), "--fs", "16k",
+            "--batch_sizes", "1", "2", "--output", str(out), "--beam_size", "3",
+        ])
     assert "ignoring options this benchmark does not use: --lm_train_config" in caplog.text
     assert report["settings"]["beam_size"] == 3 and report["settings"]["weights"] == "trained"
     rows = report["models"][0]["rows"]
