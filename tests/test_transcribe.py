@@ -267,7 +267,6 @@ def test_stage_13_is_skipped_without_a_repository(recipe):
 
 
 def test_stage_13_uploads_the_unpacked_zip(recipe, tmp_path):
-    pytest.importorskip("huggingface_hub")
     calls = tmp_path / "calls.jsonl"
     (tmp_path / "sitecustomize.py").write_text(f"""
 import json
