@@ -37,6 +37,14 @@ def frame_log_softmax(ctc: CTC, frames: torch.Tensor) -> torch.Tensor:
     return CTC.log_softmax(ctc, frames) if isinstance(ctc, FullRateCTC) else ctc.log_softmax(frames)
 
 
+def frame_projection(ctc: CTC):
+    """The linear layer whose log-softmax is all that CTC's frame posteriors are (ESPnet's CTC,
+    and :class:`FullRateCTC` on the frames it scores), or None for a CTC that does more."""
+    plain = type(ctc).log_softmax in (CTC.log_softmax, FullRateCTC.log_softmax)
+    linear = getattr(ctc, "ctc_lo", None)
+    return linear if plain and isinstance(linear, torch.nn.Linear) else None
+
+
 def ctc_input(model: ESPnetASRModel, encoder_out: torch.Tensor,
               encoder_out_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the model's CTC scores for the output of its ``encode``: that output, or with

@@ -3,6 +3,7 @@ the same n-best (tokens identical, scores within 1e-4) for every decoder of the 
 batches of any size, with CTC, a language model and the length bonus."""
 
 import inspect
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -11,7 +12,10 @@ from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
 from espnet2.lm.seq_rnn_lm import SequentialRNNLM
 
 from espnet_plugin.compat import BatchBeamSearch, CTCPrefixScorer, nets_module
+from espnet_plugin.decoding import ctc_prefix
 from espnet_plugin.decoding.beam_search import BatchedBeamSearch
+from espnet_plugin.decoding.ctc_prefix import (LOG_ZERO, PosteriorTable, ProjectedPosteriors,
+                                               frame_posteriors)
 from espnet_plugin.nets.transformer_decoder import CachedTransformerDecoder, cached_from_stock
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,15 +48,16 @@ def sharpened(module, factor=4.0):
     return module.eval()
 
 
-def models(variant, seed=0):
+def models(variant, seed=0, size=SIZE):
     torch.manual_seed(seed)
+    conf = dict(DECODER, encoder_output_size=size)
     if variant == "stock":
-        decoder = sharpened(TransformerDecoder(**DECODER, use_flash_attn=False))
+        decoder = sharpened(TransformerDecoder(**conf, use_flash_attn=False))
     else:
-        decoder = sharpened(CachedTransformerDecoder(**DECODER, **VARIANTS[variant]))
-    ctc = sharpened(CTC(VOCAB, SIZE))
+        decoder = sharpened(CachedTransformerDecoder(**conf, **VARIANTS[variant]))
+    ctc = sharpened(CTC(VOCAB, size))
     lm = SequentialRNNLM(VOCAB, unit=16, nlayers=1).eval()
-    xs = torch.randn(len(LENGTHS), max(LENGTHS), SIZE)
+    xs = torch.randn(len(LENGTHS), max(LENGTHS), size)
     return decoder, ctc, lm, xs
 
 
@@ -77,6 +82,13 @@ def ours(decoder, ctc, lm, nbest):
                              WEIGHTS, BEAM, VOCAB, SOS, EOS, nbest=nbest)
 
 
+def espnet_nbest(decoder, ctc, lm, xs, n, **ratios):
+    """ESPnet's n-best of each utterance of ``xs`` decoded alone."""
+    with torch.no_grad():
+        return [espnet_search(decoder, ctc, lm)(xs[b, :length], **ratios)[:n]
+                for b, length in enumerate(LENGTHS)]
+
+
 def assert_same_nbest(found, expected):
     assert len(found) == len(expected) > 0
     for a, b in zip(found, expected):
@@ -95,9 +107,7 @@ def assert_same_nbest(found, expected):
 def test_every_utterance_of_a_batch_gets_espnets_nbest_alone(variant, ratios):
     decoder, ctc, lm, xs = models(variant)
     lengths = torch.tensor(LENGTHS)
-    with torch.no_grad():
-        expected = [espnet_search(decoder, ctc, lm)(xs[b, :n], **ratios)[:3]
-                    for b, n in enumerate(LENGTHS)]
+    expected = espnet_nbest(decoder, ctc, lm, xs, 3, **ratios)
     search = ours(decoder, ctc, lm, 3)
     batched = search(xs, lengths, **ratios)
     assert max(len(e[0].yseq) for e in expected) > 4  # real searches, not an immediate <eos>
@@ -143,3 +153,38 @@ def test_espnet_202611_batched_search_with_the_cached_decoder_gives_batch_ones_r
         batched = search(xs, x_lengths=lengths, maxlenratio=0.5)
     for b in range(len(LENGTHS)):
         assert_same_nbest(batched[b][:2], expected[b])
+
+
+def test_projected_posteriors_are_ctcs_log_softmax_column_by_column():
+    """A vocabulary larger than the encoder output is read from CTC's projection, never as a
+    table: its columns are ESPnet's ``log_softmax`` (float32) of those tokens, padded frames
+    emitting blank only."""
+    torch.manual_seed(3)
+    ctc = sharpened(CTC(VOCAB, 8))
+    xs, lengths = torch.randn(3, 11, 8), torch.tensor([11, 4, 7])
+    posteriors = frame_posteriors(ctc, xs, lengths, blank=0, candidates_only=True)
+    assert isinstance(posteriors, ProjectedPosteriors)
+    tokens = torch.tensor([[0, 5, 19], [3, 0, 3], [7, 8, 9]])
+    columns = posteriors.columns(tokens)
+    table = PosteriorTable(ctc.log_softmax(xs), lengths, blank=0).columns(tokens)
+    assert columns.dtype == torch.float64 and columns.shape == (11, 3, 3)
+    torch.testing.assert_close(columns, table, rtol=0, atol=1e-5)
+    expected = ctc.log_softmax(xs)[1, :4, 3].double()
+    torch.testing.assert_close(columns[:4, 1, 0], expected, rtol=0, atol=1e-5)
+    assert columns[4:, 1, 1].eq(0.0).all() and columns[4:, 1, 0].eq(LOG_ZERO).all()
+    # Without a pre-beam every token is scored each step: the table is kept.
+    assert isinstance(frame_posteriors(ctc, xs, lengths, 0, candidates_only=False), PosteriorTable)
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_a_vocabulary_larger_than_the_encoder_output_gets_espnets_nbest(variant):
+    decoder, ctc, lm, xs = models(variant, seed=4, size=16)  # < VOCAB
+    expected = espnet_nbest(decoder, ctc, lm, xs, 3)
+    search = ours(decoder, ctc, lm, 3)
+    built = []
+    with patch.object(ctc_prefix, "ProjectedPosteriors",
+                      side_effect=lambda *a: built.append(ProjectedPosteriors(*a)) or built[-1]):
+        batched = search(xs, torch.tensor(LENGTHS))
+    assert built and max(len(e[0].yseq) for e in expected) > 4
+    for b in range(len(LENGTHS)):
+        assert_same_nbest(batched[b], expected[b])

@@ -152,8 +152,7 @@ class SearchState:
     def _selected(self, arguments: dict, result) -> None:
         ctc = arguments["ctc"]
         if ctc is not None:
-            self._update("ctc", held_bytes([ctc.logp, ctc.frame_max, ctc.scaled, ctc.r,
-                                            ctc.prefix_score, ctc.lengths]))
+            self._update("ctc", held_bytes(ctc.tensors()))
 
     def _update(self, part: str, nbytes: int) -> None:
         self.held[part] = nbytes

@@ -20,9 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from espnet_plugin.asr_model import frame_log_softmax
 from espnet_plugin.compat import Hypothesis, end_detect
-from espnet_plugin.decoding.ctc_prefix import LOG_ZERO, CTCPrefixScores
+from espnet_plugin.decoding.ctc_prefix import CTCPrefixScores, frame_posteriors
 from espnet_plugin.nets.transformer_decoder import BeamState, CachedTransformerDecoder
 
 logger = logging.getLogger(__name__)
@@ -130,7 +129,8 @@ class BatchedBeamSearch:
         active[::beam] = True
         decoder_state = None if self.decoder is None else self.decoder.start_beams(xs, lengths)
         ctc = None if self.ctc is None else CTCPrefixScores(
-            frame_log_softmax(self.ctc, ctc_input[0]), ctc_input[1], beam, blank=0, eos=self.eos)
+            frame_posteriors(self.ctc, *ctc_input, blank=0, candidates_only=self.do_pre_beam),
+            beam, self.eos, xs.dtype)
         for scorer in self.scorers.values():
             scorer.start(n_hyps)
         like = xs.new_empty(n_hyps, 0, xs.size(-1))

@@ -1,30 +1,36 @@
 """CTC prefix scores of every hypothesis of a batch of utterances at once.
 
 The scores are those of ESPnet's ``CTCPrefixScoreTH`` (Watanabe et al. 2017, algorithm 2,
-vectorised over hypotheses by Seki et al. 2019); what a step costs is not. ESPnet runs the CTC
-forward recursion over every frame for every (hypothesis, pre-beam candidate) pair, one frame at a
-time, and loops in Python over the hypotheses three times a step. Two observations remove nearly
-all of that:
+vectorised over hypotheses by Seki et al. 2019); what a step costs, in time and memory, is not.
+ESPnet runs the CTC forward recursion over every frame for every (hypothesis, pre-beam candidate)
+pair, one frame at a time, loops in Python over the hypotheses three times a step, and keeps the
+log-posteriors of every frame and token. Here:
 
-* A candidate's prefix score needs no recursion: psi(h + c) = sum over frames t of
-  phi_{t-1}(h) p_t(c), where phi is what the prefix h already has. For all hypotheses and tokens
-  at once that is one batched matrix product per step (in float64, each frame scaled by its most
-  likely token), then only the pre-beam candidates and end of sentence keep their scores.
+* A candidate's prefix score needs no recursion: psi(h + c) = logsumexp over frames t of
+  phi_{t-1}(h) + log p_t(c), where phi is what the prefix h already has, computed in float64 for
+  the pre-beam candidates only (every token where there is no pre-beam).
 * The forward variables of h + c are needed only for the ``beam`` pairs that survive pruning, not
   for every candidate, and their recursion r_t = p_t (r_{t-1} + phi_{t-1}) is linear: it is solved
   for all frames at once by cumulative sums and ``logcumsumexp`` (float64 keeps the long sums of
   log-probabilities exact to 1e-10).
+* Posteriors are read a token's column at a time (:class:`FramePosteriors`). Where the vocabulary
+  is larger than the encoder output (BPE 5000 against 256 dimensions) no table of them is kept: a
+  column is the encoder output times the token's row of CTC's projection, less each frame's
+  normaliser, so an utterance's scorer holds its encoder output, not frames x vocabulary.
 
 Frames before a prefix can end are skipped, frames past the longest utterance still decoding are
 dropped as utterances finish (``select``), and padded frames emit blank with probability 1, as in
 ESPnet. Hypothesis ``n`` belongs to utterance ``n // beam`` (utterance-major).
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
+from espnet_plugin.asr_model import frame_log_softmax, frame_projection
+
 LOG_ZERO = -1e10  # ESPnet's logzero: finite, so sums of it never make NaN
+CHUNK_ELEMENTS = 1 << 22  # frames x hypotheses x candidates scored at once (32 MiB of float64)
 
 
 def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
@@ -37,42 +43,132 @@ def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
     return cumulative + torch.logaddexp(torch.logcumsumexp(inflow - before, 0), initial)
 
 
+class FramePosteriors:
+    """CTC's log-posteriors log p_t(c) of a padded batch of utterances, read by column in float64:
+    ``columns(tokens)`` with ``tokens`` (utterances, m) gives (frames, utterances, m). Past its end
+    an utterance emits blank with probability 1 and nothing else (LOG_ZERO), as in ESPnet."""
+
+    def __init__(self, lengths: torch.Tensor, vocab: int, blank: int):
+        self.lengths, self.vocab, self.blank = lengths, vocab, blank
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.lengths.max())
+
+    def columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        logp = self._columns(tokens)
+        frames = torch.arange(logp.size(0), device=logp.device)
+        padded = frames[:, None] >= self.lengths[None]  # (frames, utterances)
+        fill = torch.where(tokens == self.blank, 0.0, LOG_ZERO).to(logp)
+        return torch.where(padded[..., None], fill[None], logp)
+
+    def keep(self, utterances: torch.Tensor) -> None:
+        """Only these utterances (indices) stay, and only the frames the longest of them has."""
+        self.lengths = self.lengths[utterances]
+        self._keep(utterances, self.n_frames)
+
+    def _columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _keep(self, utterances: torch.Tensor, n_frames: int) -> None:
+        raise NotImplementedError
+
+    def tensors(self) -> List[torch.Tensor]:
+        """What it holds per utterance (for memory accounting)."""
+        raise NotImplementedError
+
+
+class PosteriorTable(FramePosteriors):
+    """The log-posteriors of every frame and token, as CTC computed them (float32)."""
+
+    def __init__(self, logp: torch.Tensor, lengths: torch.Tensor, blank: int):
+        super().__init__(lengths, logp.size(-1), blank)
+        self.logp = logp  # (utterances, frames, vocab)
+
+    def _columns(self, tokens):
+        index = tokens[:, None, :].expand(-1, self.logp.size(1), -1)
+        return self.logp.gather(2, index).transpose(0, 1).double()
+
+    def _keep(self, utterances, n_frames):
+        self.logp = self.logp[utterances, :n_frames]
+
+    def tensors(self):
+        return [self.logp, self.lengths]
+
+
+class ProjectedPosteriors(FramePosteriors):
+    """log p_t(c) = h_t . w_c + b_c - log sum_v exp(h_t . w_v + b_v), a column at a time, from the
+    encoder output h and CTC's projection (w, b); the normalisers are computed once, an utterance
+    at a time, so a full table of logits never exists for more than one utterance."""
+
+    def __init__(self, projection: torch.nn.Linear, frames: torch.Tensor,
+                 lengths: torch.Tensor, blank: int):
+        super().__init__(lengths, projection.out_features, blank)
+        self.weight, self.bias = projection.weight, projection.bias
+        self.hidden = frames.double()  # (utterances, frames, size)
+        weight = self.weight.double()
+        bias = None if self.bias is None else self.bias.double()
+        self.normaliser = torch.stack([
+            torch.logsumexp(torch.nn.functional.linear(h, weight, bias), -1) for h in self.hidden])
+
+    def _columns(self, tokens):
+        logits = torch.bmm(self.hidden, self.weight[tokens].double().transpose(1, 2))
+        if self.bias is not None:
+            logits += self.bias[tokens].double()[:, None]
+        return (logits - self.normaliser[..., None]).transpose(0, 1)
+
+    def _keep(self, utterances, n_frames):
+        self.hidden = self.hidden[utterances, :n_frames]
+        self.normaliser = self.normaliser[utterances, :n_frames]
+
+    def tensors(self):
+        return [self.hidden, self.normaliser, self.lengths]
+
+
+def frame_posteriors(ctc, frames: torch.Tensor, lengths: torch.Tensor, blank: int,
+                     candidates_only: bool) -> FramePosteriors:
+    """The smaller way to hold ``ctc``'s posteriors of ``frames``: by projection where only
+    candidates are scored and the vocabulary is larger than a frame, else as a table."""
+    projection = frame_projection(ctc)
+    lengths = lengths.to(frames.device)
+    if candidates_only and projection is not None and projection.out_features > frames.size(-1):
+        return ProjectedPosteriors(projection, frames, lengths, blank)
+    return PosteriorTable(frame_log_softmax(ctc, frames), lengths, blank)
+
+
 class CTCPrefixScores:
     """Prefix scores of a fixed number (``beam``) of hypotheses per utterance.
 
     Args:
-        logp: CTC log-posteriors (utterances, frames, vocab), padded.
-        lengths: frames of each utterance (utterances,).
+        posteriors: CTC's log-posteriors of the utterances.
         beam: hypotheses per utterance.
-        blank, eos: the blank and end-of-sentence token ids.
+        eos: the end-of-sentence token id.
+        dtype: the dtype of the scores returned (that of the encoder output).
     """
 
-    def __init__(self, logp: torch.Tensor, lengths: torch.Tensor, beam: int, blank: int,
-                 eos: int):
-        self.beam, self.blank, self.eos, self.dtype = beam, blank, eos, logp.dtype
-        self.lengths = lengths.to(logp.device)
-        frames = torch.arange(logp.size(1), device=logp.device)
-        padded = frames[None, :] >= self.lengths[:, None]  # (utterances, frames)
-        logp = logp.double().masked_fill(padded[..., None], LOG_ZERO)
-        # Past its end an utterance emits blank with probability 1: its paths carry on as
-        # they are, and nothing else can be emitted there.
-        logp[..., blank] = logp[..., blank].masked_fill(padded, 0.0)
-        self.logp = logp  # (utterances, frames, vocab)
-        # Each frame's posteriors over its most likely token, as probabilities, for psi.
-        self.frame_max = logp.amax(-1)  # (utterances, frames)
-        self.scaled = (logp - self.frame_max[..., None]).exp()
+    def __init__(self, posteriors: FramePosteriors, beam: int, eos: int,
+                 dtype: torch.dtype = torch.float32):
+        self.posteriors, self.beam, self.eos, self.dtype = posteriors, beam, eos, dtype
+        self.blank = posteriors.blank
         # Forward variables (frames, 2, hypotheses): paths of the prefix that end in its last
         # token (0) or in blank (1); the prefix's own score (hypotheses,).
-        rows = self._utterance_of_rows()
-        self.r = torch.full((logp.size(1), 2, len(rows)), LOG_ZERO, dtype=torch.float64,
-                            device=logp.device)
-        self.r[:, 1] = torch.cumsum(logp[rows, :, blank].T, 0)
-        self.prefix_score = torch.zeros(len(rows), dtype=torch.float64, device=logp.device)
+        blank_paths = torch.cumsum(self._blank_columns(), 0)
+        self.r = torch.stack((torch.full_like(blank_paths, LOG_ZERO), blank_paths), 1)
+        self.prefix_score = torch.zeros(blank_paths.size(1), dtype=torch.float64,
+                                        device=blank_paths.device)
         self._pending = None
 
-    def _utterance_of_rows(self) -> torch.Tensor:
-        return torch.arange(len(self.lengths), device=self.logp.device).repeat_interleave(
-            self.beam)
+    def _blank_columns(self) -> torch.Tensor:
+        """log p_t(blank) of each hypothesis' utterance (frames, hypotheses)."""
+        blank = torch.full((len(self.posteriors.lengths), 1), self.blank, dtype=torch.long,
+                           device=self.posteriors.lengths.device)
+        return self.posteriors.columns(blank)[..., 0].repeat_interleave(self.beam, 1)
+
+    def _hypothesis_columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log p_t(tokens[n, j]) for hypothesis n (frames, hypotheses, j)."""
+        n_hyps, k = tokens.shape
+        by_utterance = tokens.reshape(n_hyps // self.beam, self.beam * k)
+        return self.posteriors.columns(by_utterance).reshape(-1, n_hyps, k)
 
     def score(self, last: torch.Tensor, prefix_length: int,
               candidates: Optional[torch.Tensor]) -> torch.Tensor:
@@ -82,37 +178,37 @@ class CTCPrefixScores:
 
         ``last``: each hypothesis' last token (hypotheses,); ``prefix_length``: tokens in each
         prefix, not counting the start symbol."""
-        n_utts, n_frames, vocab = self.logp.shape
-        rows = self._utterance_of_rows()
+        n_frames, n_hyps = self.r.size(0), self.r.size(2)
+        vocab = self.posteriors.vocab
         r_sum = torch.logaddexp(self.r[:, 0], self.r[:, 1])  # (frames, hyps)
         start = min(max(prefix_length, 1), n_frames)
-        # Paths of the prefix up to t - 1, for a token emitted first at t (a token other than
-        # the last one); at t = 0 only the empty prefix has a path (log 1).
-        phi = torch.cat((r_sum.new_full((1, len(rows)), 0.0 if prefix_length == 0 else
+        # Paths of the prefix up to t - 1, for a token emitted first at t; a token repeating the
+        # last one follows only the paths that end in blank. At t = 0 only the empty prefix has
+        # a path (log 1).
+        phi = torch.cat((r_sum.new_full((1, n_hyps), 0.0 if prefix_length == 0 else
                                         float("-inf")), r_sum[:-1]))
         phi[1:start] = float("-inf")
-        weight = phi + self.frame_max[rows].T  # (frames, hyps)
-        top = weight.amax(0).clamp(min=LOG_ZERO)
-        products = torch.bmm((weight - top).exp().T.reshape(n_utts, self.beam, n_frames),
-                             self.scaled)  # (utterances, beam, vocab)
-        psi = products.reshape(len(rows), vocab).log() + top[:, None]
-        # A token repeating the last one follows only the paths that end in blank.
         repeat_phi = torch.cat((phi[:1], self.r[:-1, 1]))
         repeat_phi[1:start] = float("-inf")
-        emit_last = self.logp[rows, :, last].T  # (frames, hyps)
-        psi[torch.arange(len(rows)), last] = torch.logsumexp(repeat_phi + emit_last, 0)
-        psi = psi.clamp(min=LOG_ZERO)
-        scores = torch.full_like(psi, LOG_ZERO)
         if candidates is None:
-            scores = psi
-        else:
-            scores.scatter_(1, candidates, psi.gather(1, candidates))
+            candidates = torch.arange(vocab, device=phi.device).expand(n_hyps, vocab)
+        chunk = max(1, CHUNK_ELEMENTS // (n_frames * n_hyps))
+        psi = torch.cat([
+            self._psi(phi, repeat_phi, last, part) for part in candidates.split(chunk, 1)], 1)
+        scores = torch.full((n_hyps, vocab), LOG_ZERO, dtype=torch.float64, device=phi.device)
+        scores.scatter_(1, candidates, psi.clamp(min=LOG_ZERO))
         # End of sentence: every path of the prefix to the utterance's last frame.
-        scores[:, self.eos] = r_sum[self.lengths[rows] - 1, torch.arange(len(rows))]
+        lengths = self.posteriors.lengths.repeat_interleave(self.beam)
+        scores[:, self.eos] = r_sum[lengths - 1, torch.arange(n_hyps)]
         if self.eos != self.blank:
             scores[:, self.blank] = LOG_ZERO
         self._pending = (scores, last, prefix_length)
         return (scores - self.prefix_score[:, None]).to(self.dtype)
+
+    def _psi(self, phi, repeat_phi, last, tokens) -> torch.Tensor:
+        """log psi(prefix + token) of each hypothesis and of each of its ``tokens`` (hyps, k)."""
+        paths = torch.where((tokens == last[:, None])[None], repeat_phi[..., None], phi[..., None])
+        return torch.logsumexp(paths + self._hypothesis_columns(tokens), 0)
 
     def select(self, rows: torch.Tensor, tokens: torch.Tensor,
                utterances: Optional[torch.Tensor] = None) -> None:
@@ -122,29 +218,17 @@ class CTCPrefixScores:
         scores, last, prefix_length = self._pending
         self._pending = None
         self.prefix_score = scores[rows, tokens]
-        utt = self._utterance_of_rows()[rows]
         r = self.r[:, :, rows]
-        last = last[rows]
         if utterances is not None:
-            self.lengths = self.lengths[utterances]
-            longest = int(self.lengths.max())
-            self.logp = self.logp[utterances, :longest]
-            self.frame_max = self.frame_max[utterances, :longest]
-            self.scaled = self.scaled[utterances, :longest]
-            r = r[:longest]
-        self.r = self._extended(r, last, utt, rows, tokens, prefix_length, utterances)
+            self.posteriors.keep(utterances)
+            r = r[:self.posteriors.n_frames]
+        self.r = self._extended(r, last[rows], tokens, prefix_length)
 
-    def _extended(self, r, last, utt, rows, tokens, prefix_length, utterances) -> torch.Tensor:
+    def _extended(self, r, last, tokens, prefix_length) -> torch.Tensor:
         """Forward variables of the prefixes extended by ``tokens`` (frames, 2, hyps)."""
         n_frames = r.size(0)
-        # Posteriors in the (possibly smaller) batch kept: utterance indices renumbered.
-        if utterances is not None:
-            renumber = torch.full((int(utterances.max()) + 1,), -1, dtype=torch.long,
-                                  device=utt.device)
-            renumber[utterances] = torch.arange(len(utterances), device=utt.device)
-            utt = renumber[utt]
-        emit = self.logp[utt, :, tokens].T  # (frames, hyps)
-        emit_blank = self.logp[utt, :, self.blank].T
+        emit = self._hypothesis_columns(tokens[:, None])[..., 0]  # (frames, hyps)
+        emit_blank = self._blank_columns()
         r_sum = torch.logaddexp(r[:, 0], r[:, 1])
         phi = torch.where((tokens == last)[None], r[:, 1], r_sum)
         start = min(max(prefix_length, 1), n_frames)
@@ -156,3 +240,7 @@ class CTCPrefixScores:
         ends_in_token = new[start - 1:-1, 0]
         new[start:, 1] = _log_cumulative_recursion(initial[1], ends_in_token, emit_blank[start:])
         return new
+
+    def tensors(self) -> List[torch.Tensor]:
+        """What the scorer holds between steps (for memory accounting)."""
+        return self.posteriors.tensors() + [self.r, self.prefix_score]
