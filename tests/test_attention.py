@@ -27,10 +27,10 @@ OPTIONS = {
 VARIANTS = list(OPTIONS)
 
 
-def make(variant: str, rotary: bool = True, dtype=torch.float64, seed: int = 0):
+def make(variant: str, rotary: bool = True, dtype=torch.float64, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     kind = "gqa" if variant == "mqa" else variant
-    options = dict(OPTIONS[variant])
+    options = dict(OPTIONS[variant], **overrides)
     if kind == "mla" and not rotary:
         options["rope_dim"] = 0
     attention = build_attention(kind, D_MODEL, HEADS, rotary=rotary, **options)
@@ -175,8 +175,9 @@ def test_incremental_decoding_equals_full_recomputation(variant, chunk):
     torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_mla_absorbed_equals_naive():
-    attention = make("mla", dtype=torch.float32)
+@pytest.mark.parametrize("rope_key_heads", [1, 2])  # 2: each rotary key shared by 2 heads
+def test_mla_absorbed_equals_naive(rope_key_heads):
+    attention = make("mla", dtype=torch.float32, rope_key_heads=rope_key_heads)
     cross = make("mla", rotary=False, dtype=torch.float32)
     x = torch.randn(2, 7, D_MODEL)
     source = torch.randn(2, 12, D_MODEL)

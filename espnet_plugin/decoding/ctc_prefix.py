@@ -7,8 +7,9 @@ pair, one frame at a time, loops in Python over the hypotheses three times a ste
 log-posteriors of every frame and token. Here:
 
 * A candidate's prefix score needs no recursion: psi(h + c) = logsumexp over frames t of
-  phi_{t-1}(h) + log p_t(c), where phi is what the prefix h already has, computed in float64 for
-  the pre-beam candidates only (every token where there is no pre-beam).
+  phi_{t-1}(h) + log p_t(c), where phi is what the prefix h already has: a weighted sum over
+  frames in float64, each frame scaled by its most likely token, for the pre-beam candidates only
+  (every token where there is no pre-beam).
 * The forward variables of h + c are needed only for the ``beam`` pairs that survive pruning, not
   for every candidate, and their recursion r_t = p_t (r_{t-1} + phi_{t-1}) is linear: it is solved
   for all frames at once by cumulative sums and ``logcumsumexp`` (float64 keeps the long sums of
@@ -30,7 +31,6 @@ import torch
 from espnet_plugin.asr_model import frame_log_softmax, frame_projection
 
 LOG_ZERO = -1e10  # ESPnet's logzero: finite, so sums of it never make NaN
-CHUNK_ELEMENTS = 1 << 22  # frames x hypotheses x candidates scored at once (32 MiB of float64)
 
 
 def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
@@ -45,30 +45,33 @@ def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
 
 class FramePosteriors:
     """CTC's log-posteriors log p_t(c) of a padded batch of utterances, read by column in float64:
-    ``columns(tokens)`` with ``tokens`` (utterances, m) gives (frames, utterances, m). Past its end
-    an utterance emits blank with probability 1 and nothing else (LOG_ZERO), as in ESPnet."""
+    ``columns(tokens)`` with ``tokens`` (utterances, m) gives (frames, utterances, m), and
+    ``weighted_sums`` the sums over frames of p_t(c) / max_v p_t(v) that psi needs. Past its end an utterance emits blank with probability 1 and nothing else (LOG_ZERO),
+    as in ESPnet."""
 
     def __init__(self, lengths: torch.Tensor, vocab: int, blank: int):
         self.lengths, self.vocab, self.blank = lengths, vocab, blank
+        self.frame_max: torch.Tensor  # log max_v p_t(v) (utterances, frames)
 
     @property
     def n_frames(self) -> int:
         return int(self.lengths.max())
 
     def columns(self, tokens: torch.Tensor) -> torch.Tensor:
-        logp = self._columns(tokens)
-        frames = torch.arange(logp.size(0), device=logp.device)
-        padded = frames[:, None] >= self.lengths[None]  # (frames, utterances)
-        fill = torch.where(tokens == self.blank, 0.0, LOG_ZERO).to(logp)
-        return torch.where(padded[..., None], fill[None], logp)
+        raise NotImplementedError
+
+    def weighted_sums(self, weights: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """sum over frames t of weights[t, u, i] p_t(tokens[u, i, j]) / max_v p_t(v), for
+        ``weights`` (frames, utterances, rows) and ``tokens`` (utterances, rows, k): (utterances,
+        rows, k)."""
+        n_utts, rows, k = tokens.shape
+        scaled = (self.columns(tokens.view(n_utts, -1)) - self.frame_max.T[..., None]).exp()
+        return (weights[..., None] * scaled.view(-1, n_utts, rows, k)).sum(0)
 
     def keep(self, utterances: torch.Tensor) -> None:
         """Only these utterances (indices) stay, and only the frames the longest of them has."""
         self.lengths = self.lengths[utterances]
         self._keep(utterances, self.n_frames)
-
-    def _columns(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def _keep(self, utterances: torch.Tensor, n_frames: int) -> None:
         raise NotImplementedError
@@ -77,29 +80,49 @@ class FramePosteriors:
         """What it holds per utterance (for memory accounting)."""
         raise NotImplementedError
 
+    def _padded(self, logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``logp`` (frames, utterances, m) of ``tokens`` (utterances, m), padded frames set."""
+        frames = torch.arange(logp.size(0), device=logp.device)
+        padded = frames[:, None] >= self.lengths[None]  # (frames, utterances)
+        fill = torch.where(tokens == self.blank, 0.0, LOG_ZERO).to(logp)
+        return torch.where(padded[..., None], fill[None], logp)
+
 
 class PosteriorTable(FramePosteriors):
-    """The log-posteriors of every frame and token, as CTC computed them (float32)."""
+    """Every frame's log-posteriors over the vocabulary, and their scaled form, kept (float64)."""
 
     def __init__(self, logp: torch.Tensor, lengths: torch.Tensor, blank: int):
-        super().__init__(lengths, logp.size(-1), blank)
-        self.logp = logp  # (utterances, frames, vocab)
+        n_utts, _, vocab = logp.shape
+        super().__init__(lengths, vocab, blank)
+        every = torch.arange(vocab, device=logp.device).expand(n_utts, vocab)
+        self.logp = self._padded(logp.double().transpose(0, 1), every).transpose(0, 1)
+        self.frame_max = self.logp.amax(-1)
+        self.scaled = (self.logp - self.frame_max[..., None]).exp()
 
-    def _columns(self, tokens):
+    def columns(self, tokens):
         index = tokens[:, None, :].expand(-1, self.logp.size(1), -1)
-        return self.logp.gather(2, index).transpose(0, 1).double()
+        return self.logp.gather(2, index).transpose(0, 1)
+
+    def weighted_sums(self, weights, tokens):
+        """One batched product over the whole vocabulary (a table is kept only where it is no
+        wider than a frame), then the tokens asked for."""
+        products = torch.bmm(weights.permute(1, 2, 0), self.scaled)  # (utterances, rows, vocab)
+        return products.gather(2, tokens)
 
     def _keep(self, utterances, n_frames):
         self.logp = self.logp[utterances, :n_frames]
+        self.scaled = self.scaled[utterances, :n_frames]
+        self.frame_max = self.frame_max[utterances, :n_frames]
 
     def tensors(self):
-        return [self.logp, self.lengths]
+        return [self.logp, self.scaled, self.frame_max, self.lengths]
 
 
 class ProjectedPosteriors(FramePosteriors):
     """log p_t(c) = h_t . w_c + b_c - log sum_v exp(h_t . w_v + b_v), a column at a time, from the
-    encoder output h and CTC's projection (w, b); the normalisers are computed once, an utterance
-    at a time, so a full table of logits never exists for more than one utterance."""
+    encoder output h and CTC's projection (w, b); each frame's normaliser and largest logit are
+    computed once, an utterance at a time, so a table of logits never exists for more than one
+    utterance."""
 
     def __init__(self, projection: torch.nn.Linear, frames: torch.Tensor,
                  lengths: torch.Tensor, blank: int):
@@ -108,21 +131,24 @@ class ProjectedPosteriors(FramePosteriors):
         self.hidden = frames.double()  # (utterances, frames, size)
         weight = self.weight.double()
         bias = None if self.bias is None else self.bias.double()
-        self.normaliser = torch.stack([
-            torch.logsumexp(torch.nn.functional.linear(h, weight, bias), -1) for h in self.hidden])
+        logits = [torch.nn.functional.linear(h, weight, bias) for h in self.hidden]
+        self.normaliser = torch.stack([torch.logsumexp(x, -1) for x in logits])
+        frames_in = torch.arange(frames.size(1), device=frames.device) < lengths[:, None]
+        self.frame_max = (torch.stack([x.amax(-1) for x in logits]) - self.normaliser) * frames_in
 
-    def _columns(self, tokens):
+    def columns(self, tokens):
         logits = torch.bmm(self.hidden, self.weight[tokens].double().transpose(1, 2))
         if self.bias is not None:
             logits += self.bias[tokens].double()[:, None]
-        return (logits - self.normaliser[..., None]).transpose(0, 1)
+        return self._padded((logits - self.normaliser[..., None]).transpose(0, 1), tokens)
 
     def _keep(self, utterances, n_frames):
         self.hidden = self.hidden[utterances, :n_frames]
         self.normaliser = self.normaliser[utterances, :n_frames]
+        self.frame_max = self.frame_max[utterances, :n_frames]
 
     def tensors(self):
-        return [self.hidden, self.normaliser, self.lengths]
+        return [self.hidden, self.normaliser, self.frame_max, self.lengths]
 
 
 def frame_posteriors(ctc, frames: torch.Tensor, lengths: torch.Tensor, blank: int,
@@ -190,13 +216,11 @@ class CTCPrefixScores:
         phi[1:start] = float("-inf")
         repeat_phi = torch.cat((phi[:1], self.r[:-1, 1]))
         repeat_phi[1:start] = float("-inf")
-        if candidates is None:
-            candidates = torch.arange(vocab, device=phi.device).expand(n_hyps, vocab)
-        chunk = max(1, CHUNK_ELEMENTS // (n_frames * n_hyps))
-        psi = torch.cat([
-            self._psi(phi, repeat_phi, last, part) for part in candidates.split(chunk, 1)], 1)
+        columns = (torch.arange(vocab, device=phi.device).expand(n_hyps, vocab)
+                   if candidates is None else candidates)
+        psi = self._psi(phi, repeat_phi, last, columns)
         scores = torch.full((n_hyps, vocab), LOG_ZERO, dtype=torch.float64, device=phi.device)
-        scores.scatter_(1, candidates, psi.clamp(min=LOG_ZERO))
+        scores.scatter_(1, columns, psi.clamp(min=LOG_ZERO))
         # End of sentence: every path of the prefix to the utterance's last frame.
         lengths = self.posteriors.lengths.repeat_interleave(self.beam)
         scores[:, self.eos] = r_sum[lengths - 1, torch.arange(n_hyps)]
@@ -206,9 +230,22 @@ class CTCPrefixScores:
         return (scores - self.prefix_score[:, None]).to(self.dtype)
 
     def _psi(self, phi, repeat_phi, last, tokens) -> torch.Tensor:
-        """log psi(prefix + token) of each hypothesis and of each of its ``tokens`` (hyps, k)."""
-        paths = torch.where((tokens == last[:, None])[None], repeat_phi[..., None], phi[..., None])
-        return torch.logsumexp(paths + self._hypothesis_columns(tokens), 0)
+        """log psi(prefix + token) of each hypothesis and of each of its ``tokens`` (hyps, k):
+        a weighted sum over frames of the scaled posteriors, each frame weighted by the prefix's
+        paths times its most likely token's posterior (relative to the largest weight)."""
+        n_frames, n_hyps = phi.shape
+        weight = phi + self.posteriors.frame_max.T.repeat_interleave(self.beam, 1)
+        top = weight.amax(0).clamp(min=LOG_ZERO)
+        sums = self.posteriors.weighted_sums(
+            (weight - top).exp().view(n_frames, -1, self.beam),
+            tokens.reshape(-1, self.beam, tokens.size(1)))
+        psi = sums.view(n_hyps, -1).log() + top[:, None]
+        repeats = tokens == last[:, None]
+        if repeats.any():
+            emit_last = self._hypothesis_columns(last[:, None])[..., 0]
+            psi_last = torch.logsumexp(repeat_phi + emit_last, 0)
+            psi = torch.where(repeats, psi_last[:, None], psi)
+        return psi
 
     def select(self, rows: torch.Tensor, tokens: torch.Tensor,
                utterances: Optional[torch.Tensor] = None) -> None:

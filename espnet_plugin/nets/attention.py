@@ -153,8 +153,15 @@ class GrowingCache:
         return self.kind(*(t.narrow(self.kind.time_dim, 0, self.length) for t in self.tensors))
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep the hypotheses ``rows`` (indices, repeats allowed), in that order."""
-        self.tensors = [t.index_select(0, rows) for t in self.tensors]
+        """Keep the hypotheses ``rows`` (indices, repeats allowed), in that order; only the
+        filled part is copied, into tensors with the same room."""
+        dim, selected = self.kind.time_dim, []
+        for t in self.tensors:
+            out = t.new_empty((len(rows),) + t.shape[1:])
+            torch.index_select(t.narrow(dim, 0, self.length), 0, rows,
+                               out=out.narrow(dim, 0, self.length))
+            selected.append(out)
+        self.tensors = selected
 
 
 def growing(cache: Cache) -> Union[GrowingCache, LinearState]:
@@ -552,16 +559,42 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         self, q: torch.Tensor, cache: LatentCache, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """Attend against the latent: q.W_uk c = (W_uk^T q).c and the values W_uv c sum to
-        W_uv (sum of weighted c)."""
-        weight = self.kv_up.weight.view(self.n_heads, self.nope_dim + self.head_dim, -1)
+        W_uv (sum of weighted c). Every product is a plain batched one, nothing broadcast (a
+        broadcast operand would be copied out to the full batch): heads are the batch where each
+        meets its own W_uk / W_uv, and join the queries where they share the latent and the
+        rotary keys."""
+        batch, heads, n_queries, _ = q.shape
+        weight = self.kv_up.weight.view(heads, self.nope_dim + self.head_dim, -1)
         w_uk, w_uv = weight.split([self.nope_dim, self.head_dim], dim=1)
         content, position = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent = cache.latent[:, None]  # (batch, 1, keys, kv_latent_dim), shared by the heads
-        scores = (content @ w_uk) @ latent.mT + position @ self._rope_keys(cache).mT
+        latent_queries = heads_first(content) @ w_uk  # (heads, batch * queries, latent)
+        scores = torch.bmm(heads_joined(latent_queries, batch), cache.latent.mT)
+        scores = scores.view(batch, heads, n_queries, -1)
+        if self.rope_dim:
+            rope_keys = self._split_heads(cache.rope_key, self.rope_key_heads)
+            grouped = position.reshape(batch, self.rope_key_heads, -1, self.rope_dim)
+            scores = scores + (grouped @ rope_keys.mT).view_as(scores)
         scores = scores / math.sqrt(self.nope_dim + self.rope_dim)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(dim=-1) @ latent) @ w_uv.mT
+        context = torch.bmm(scores.softmax(dim=-1).view(batch, heads * n_queries, -1),
+                            cache.latent)  # (batch, heads * queries, latent)
+        values = heads_first(context.view(batch, heads, n_queries, -1)) @ w_uv.mT
+        return values.view(heads, batch, n_queries, -1).transpose(0, 1)
+
+
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, queries, width) -> (heads, batch * queries, width)."""
+    batch, heads, queries, width = x.shape
+    return x.transpose(0, 1).reshape(heads, batch * queries, width)
+
+
+def heads_joined(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(heads, batch * queries, width) -> (batch, heads * queries, width)."""
+    heads, rows, width = x.shape
+    queries = rows // batch
+    return x.view(heads, batch, queries, width).transpose(0, 1).reshape(batch, heads * queries,
+                                                                          width)
 
 
 class LinearAttention(Attention):
