@@ -175,9 +175,12 @@ def test_incremental_decoding_equals_full_recomputation(variant, chunk):
     torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rope_key_heads", [1, 2])  # 2: each rotary key shared by 2 heads
-def test_mla_absorbed_equals_naive(rope_key_heads):
-    attention = make("mla", dtype=torch.float32, rope_key_heads=rope_key_heads)
+@pytest.mark.parametrize("options", [
+    {}, {"rope_key_heads": 2},  # each rotary key shared by 2 heads
+    {"bias": True, "q_latent_dim": 8, "latent_norm": False},  # folded biases, a query latent
+])
+def test_mla_absorbed_equals_naive(options):
+    attention = make("mla", dtype=torch.float32, **options)
     cross = make("mla", rotary=False, dtype=torch.float32)
     x = torch.randn(2, 7, D_MODEL)
     source = torch.randn(2, 12, D_MODEL)
@@ -195,8 +198,14 @@ def test_mla_absorbed_equals_naive(rope_key_heads):
             cross.attend(x, cross.memory(source, valid)),
         )
 
-    for absorbed, naive in zip(run(True), run(False)):
-        torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # where the folded weights are kept between calls
+        for absorbed, naive in zip(run(True), run(False)):
+            torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
+        for module in (attention, cross):  # new weights: the folded ones follow
+            module.kv_up.weight.mul_(1.5)
+            module.linear_out.weight.add_(0.1)
+        for absorbed, naive in zip(run(True), run(False)):
+            torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2])

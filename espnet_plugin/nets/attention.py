@@ -511,10 +511,53 @@ class MultiHeadLatentAttention(SoftmaxAttention):
     def entry_width(self) -> int:
         return self.kv_latent_dim + self.rope_key_heads * self.rope_dim
 
+    @property
+    def _absorbing(self) -> bool:
+        return self.absorb and not self.training
+
     def _queries(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        q = self._split_heads(self.query(x), self.n_heads)
-        content, position = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        """Per head the content query (``nope_dim``; absorbed: already times W_uk, so
+        ``kv_latent_dim``) and the rotated position query (``rope_dim``)."""
+        if self._absorbing:
+            weight, bias = self._absorbed()["query"]
+            head = x if isinstance(self.query, nn.Linear) else self.query[:-1](x)
+            q = self._split_heads(F.linear(head, weight, bias), self.n_heads)
+            content_dim = self.kv_latent_dim
+        else:
+            q = self._split_heads(self.query(x), self.n_heads)
+            content_dim = self.nope_dim
+        content, position = q.split([content_dim, self.rope_dim], dim=-1)
         return torch.cat((content, self._rotate(position, start)), dim=-1)
+
+    def _absorbed(self) -> dict:
+        """The query projection with W_uk folded into its content rows, and the output
+        projection with W_uv folded in (DeepSeek's inference form), so that attention reads the
+        latent with no per-head up-projection at all. Computed once per set of weights (kept
+        while they do not change, and only where no gradient is recorded)."""
+        projection = self.query if isinstance(self.query, nn.Linear) else self.query[-1]
+        sources = (projection.weight, projection.bias, self.kv_up.weight, self.linear_out.weight)
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources
+                    if t is not None)
+        cached = getattr(self, "_absorbed_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        heads, width = self.n_heads, self.nope_dim + self.rope_dim
+        w_uk, w_uv = self.kv_up.weight.view(heads, self.nope_dim + self.head_dim, -1).split(
+            [self.nope_dim, self.head_dim], dim=1)
+        w_q = projection.weight.view(heads, width, -1)
+        query = torch.cat((w_uk.mT @ w_q[:, :self.nope_dim], w_q[:, self.nope_dim:]), 1)
+        query_bias = None
+        if projection.bias is not None:
+            b_q = projection.bias.view(heads, width, 1)
+            query_bias = torch.cat((w_uk.mT @ b_q[:, :self.nope_dim], b_q[:, self.nope_dim:]), 1)
+            query_bias = query_bias.reshape(-1)
+        w_out = self.linear_out.weight.view(-1, heads, self.head_dim)
+        out = torch.einsum("dhv,hvl->dhl", w_out, w_uv).reshape(w_out.size(0), -1)
+        folded = {"query": (query.reshape(-1, query.size(-1)), query_bias),
+                  "out": (out, self.linear_out.bias)}
+        if not torch.is_grad_enabled():
+            self._absorbed_cache = (key, folded)
+        return folded
 
     def _entries(self, x: torch.Tensor, start: int) -> LatentCache:
         rope_width = self.rope_key_heads * self.rope_dim
@@ -541,8 +584,10 @@ class MultiHeadLatentAttention(SoftmaxAttention):
     def _read(
         self, q: torch.Tensor, cache: LatentCache, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        read = self._read_absorbed if self.absorb and not self.training else self._read_naive
-        return self.linear_out(self._merge_heads(read(q, cache, mask)))
+        if self._absorbing:
+            weight, bias = self._absorbed()["out"]
+            return F.linear(self._merge_heads(self._read_absorbed(q, cache, mask)), weight, bias)
+        return self.linear_out(self._merge_heads(self._read_naive(q, cache, mask)))
 
     def _read_naive(
         self, q: torch.Tensor, cache: LatentCache, mask: Optional[torch.Tensor]
@@ -558,17 +603,13 @@ class MultiHeadLatentAttention(SoftmaxAttention):
     def _read_absorbed(
         self, q: torch.Tensor, cache: LatentCache, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """Attend against the latent: q.W_uk c = (W_uk^T q).c and the values W_uv c sum to
-        W_uv (sum of weighted c). Every product is a plain batched one, nothing broadcast (a
-        broadcast operand would be copied out to the full batch): heads are the batch where each
-        meets its own W_uk / W_uv, and join the queries where they share the latent and the
-        rotary keys."""
+        """Attend against the latent with queries already times W_uk: q.W_uk c = (W_uk^T q).c,
+        and the latent context per head (W_uv is folded into the output projection). The heads
+        join the queries, so each product is one plain batched one over the shared latent and
+        rotary keys (a broadcast operand would be copied out to the full batch)."""
         batch, heads, n_queries, _ = q.shape
-        weight = self.kv_up.weight.view(heads, self.nope_dim + self.head_dim, -1)
-        w_uk, w_uv = weight.split([self.nope_dim, self.head_dim], dim=1)
-        content, position = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent_queries = heads_first(content) @ w_uk  # (heads, batch * queries, latent)
-        scores = torch.bmm(heads_joined(latent_queries, batch), cache.latent.mT)
+        content, position = q.split([self.kv_latent_dim, self.rope_dim], dim=-1)
+        scores = torch.bmm(content.reshape(batch, heads * n_queries, -1), cache.latent.mT)
         scores = scores.view(batch, heads, n_queries, -1)
         if self.rope_dim:
             rope_keys = self._split_heads(cache.rope_key, self.rope_key_heads)
@@ -578,23 +619,8 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         context = torch.bmm(scores.softmax(dim=-1).view(batch, heads * n_queries, -1),
-                            cache.latent)  # (batch, heads * queries, latent)
-        values = heads_first(context.view(batch, heads, n_queries, -1)) @ w_uv.mT
-        return values.view(heads, batch, n_queries, -1).transpose(0, 1)
-
-
-def heads_first(x: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, queries, width) -> (heads, batch * queries, width)."""
-    batch, heads, queries, width = x.shape
-    return x.transpose(0, 1).reshape(heads, batch * queries, width)
-
-
-def heads_joined(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(heads, batch * queries, width) -> (batch, heads * queries, width)."""
-    heads, rows, width = x.shape
-    queries = rows // batch
-    return x.view(heads, batch, queries, width).transpose(0, 1).reshape(batch, heads * queries,
-                                                                          width)
+                            cache.latent)
+        return context.view(batch, heads, n_queries, -1)
 
 
 class LinearAttention(Attention):
