@@ -68,17 +68,18 @@ class FramePosteriors:
         scaled = (self.columns(tokens.view(n_utts, -1)) - self.frame_max.T[..., None]).exp()
         return (weights[..., None] * scaled.view(-1, n_utts, rows, k)).sum(0)
 
+    # Names of what it holds per utterance, each (utterances, frames, ...).
+    per_utterance: tuple = ("frame_max",)
+
     def keep(self, utterances: torch.Tensor) -> None:
         """Only these utterances (indices) stay, and only the frames the longest of them has."""
         self.lengths = self.lengths[utterances]
-        self._keep(utterances, self.n_frames)
-
-    def _keep(self, utterances: torch.Tensor, n_frames: int) -> None:
-        raise NotImplementedError
+        for name in self.per_utterance:
+            setattr(self, name, getattr(self, name)[utterances, :self.n_frames])
 
     def tensors(self) -> List[torch.Tensor]:
         """What it holds per utterance (for memory accounting)."""
-        raise NotImplementedError
+        return [getattr(self, name) for name in self.per_utterance] + [self.lengths]
 
     def _padded(self, logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``logp`` (frames, utterances, m) of ``tokens`` (utterances, m), padded frames set."""
@@ -90,6 +91,8 @@ class FramePosteriors:
 
 class PosteriorTable(FramePosteriors):
     """Every frame's log-posteriors over the vocabulary, and their scaled form, kept (float64)."""
+
+    per_utterance = ("logp", "scaled", "frame_max")
 
     def __init__(self, logp: torch.Tensor, lengths: torch.Tensor, blank: int):
         n_utts, _, vocab = logp.shape
@@ -109,13 +112,6 @@ class PosteriorTable(FramePosteriors):
         products = torch.bmm(weights.permute(1, 2, 0), self.scaled)  # (utterances, rows, vocab)
         return products.gather(2, tokens)
 
-    def _keep(self, utterances, n_frames):
-        self.logp = self.logp[utterances, :n_frames]
-        self.scaled = self.scaled[utterances, :n_frames]
-        self.frame_max = self.frame_max[utterances, :n_frames]
-
-    def tensors(self):
-        return [self.logp, self.scaled, self.frame_max, self.lengths]
 
 
 class ProjectedPosteriors(FramePosteriors):
@@ -124,6 +120,8 @@ class ProjectedPosteriors(FramePosteriors):
     computed once, an utterance at a time, so a table of logits never exists for more than one
     utterance."""
 
+    per_utterance = ("hidden", "normaliser", "frame_max")
+
     def __init__(self, projection: torch.nn.Linear, frames: torch.Tensor,
                  lengths: torch.Tensor, blank: int):
         super().__init__(lengths, projection.out_features, blank)
@@ -131,10 +129,14 @@ class ProjectedPosteriors(FramePosteriors):
         self.hidden = frames.double()  # (utterances, frames, size)
         weight = self.weight.double()
         bias = None if self.bias is None else self.bias.double()
-        logits = [torch.nn.functional.linear(h, weight, bias) for h in self.hidden]
-        self.normaliser = torch.stack([torch.logsumexp(x, -1) for x in logits])
+        self.normaliser = self.hidden.new_empty(self.hidden.shape[:2])
+        top = self.hidden.new_empty(self.hidden.shape[:2])
+        for n, h in enumerate(self.hidden):
+            logits = torch.nn.functional.linear(h, weight, bias)  # (frames, vocab)
+            self.normaliser[n] = torch.logsumexp(logits, -1)
+            top[n] = logits.amax(-1)
         frames_in = torch.arange(frames.size(1), device=frames.device) < lengths[:, None]
-        self.frame_max = (torch.stack([x.amax(-1) for x in logits]) - self.normaliser) * frames_in
+        self.frame_max = (top - self.normaliser) * frames_in
 
     def columns(self, tokens):
         logits = torch.bmm(self.hidden, self.weight[tokens].double().transpose(1, 2))
@@ -142,13 +144,6 @@ class ProjectedPosteriors(FramePosteriors):
             logits += self.bias[tokens].double()[:, None]
         return self._padded((logits - self.normaliser[..., None]).transpose(0, 1), tokens)
 
-    def _keep(self, utterances, n_frames):
-        self.hidden = self.hidden[utterances, :n_frames]
-        self.normaliser = self.normaliser[utterances, :n_frames]
-        self.frame_max = self.frame_max[utterances, :n_frames]
-
-    def tensors(self):
-        return [self.hidden, self.normaliser, self.frame_max, self.lengths]
 
 
 def frame_posteriors(ctc, frames: torch.Tensor, lengths: torch.Tensor, blank: int,
