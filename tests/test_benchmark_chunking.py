@@ -135,6 +135,18 @@ def test_random_weights_from_a_training_config(tmp_path, wav_scp):
     assert report["runs"][0]["utterances"][0]["tokens"]["chunked"] == utt["steps"]
 
 
+def test_a_model_whose_ctc_reads_the_dechunked_output_is_timed_all_ways(tmp_path, wav_scp):
+    """``output: ctc_dechunked``: bypassed, CTC scores the encoder's (full-rate) output."""
+    config, weights = saved_model(tmp_path, "ctcfull", {**CHUNKING, "output": "ctc_dechunked"}, 0)
+    output = tmp_path / "bench.json"
+    main(["--asr_train_config", str(config), "--asr_model_file", str(weights),
+          "--wav_scp", str(wav_scp), "--max_utterances", "1", "--tokens_per_second", "2",
+          "--beam_size", "2", "--repeats", "1", "--threads", "1", "--output", str(output)])
+    run = json.loads(output.read_text())["runs"][0]["utterances"][0]
+    steps = run["tokens"]["chunked"]
+    assert run["tokens"] == {"chunked": steps, "bypassed": steps}
+
+
 def test_a_model_without_chunking_is_refused(tmp_path, wav_scp):
     with pytest.raises(ValueError, match="no dynamic chunking stage"):
         main(["--asr_train_config", str(training_config(tmp_path, "plain", None)),

@@ -36,6 +36,7 @@ from espnet2.fileio.sound_scp import soundfile_read
 from espnet2.tasks.asr import ASRTask
 
 import espnet_plugin  # noqa: F401  (registers the plugin's classes)
+from espnet_plugin.asr_model import FullRateCTC
 from espnet_plugin.benchmarks.timing import machine_info, median_ms_side_by_side, write_report
 from espnet_plugin.cli import UserError
 from espnet_plugin.nets.aux_loss import collect_aux
@@ -117,13 +118,20 @@ def hold_back_eos(speech2text: Speech2Text) -> None:
 
 
 @contextmanager
-def chunking_bypassed(encoder: torch.nn.Module):
-    """The encoder without its chunking stage: the same weights, every frame through every block."""
+def chunking_bypassed(encoder: torch.nn.Module, ctc: Optional[torch.nn.Module] = None):
+    """The encoder without its chunking stage: the same weights, every frame through every block.
+    A ``ctc`` that reads the stage's full-rate output (``output: ctc_dechunked``) reads the
+    encoder's output instead, which is then full-rate."""
     stage, encoder.chunking = encoder.chunking, None
+    reads_stage = isinstance(ctc, FullRateCTC)
+    if reads_stage:
+        ctc.full_rate = lambda hs_pad, hlens=None: (hs_pad, hlens)
     try:
         yield
     finally:
         encoder.chunking = stage
+        if reads_stage:
+            ctc.full_rate = stage.full_rate
 
 
 @contextmanager
@@ -202,7 +210,7 @@ class Way:
     @contextmanager
     def active(self):
         if self.bypass:
-            with chunking_bypassed(self.encoder):
+            with chunking_bypassed(self.encoder, self.speech2text.asr_model.ctc):
                 yield
         else:
             yield
