@@ -24,6 +24,7 @@ dropped as utterances finish (``select``), and padded frames emit blank with pro
 ESPnet. Hypothesis ``n`` belongs to utterance ``n // beam`` (utterance-major).
 """
 
+from abc import ABC, abstractmethod
 from typing import List, Optional
 
 import torch
@@ -43,11 +44,11 @@ def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
     return cumulative + torch.logaddexp(torch.logcumsumexp(inflow - before, 0), initial)
 
 
-class FramePosteriors:
+class FramePosteriors(ABC):
     """CTC's log-posteriors log p_t(c) of a padded batch of utterances, read by column in float64:
     ``columns(tokens)`` with ``tokens`` (utterances, m) gives (frames, utterances, m), and
-    ``weighted_sums`` the sums over frames of p_t(c) / max_v p_t(v) that psi needs. Past its end an utterance emits blank with probability 1 and nothing else (LOG_ZERO),
-    as in ESPnet."""
+    ``weighted_sums`` the sums over frames of p_t(c) / max_v p_t(v) that psi needs. Past its end
+    an utterance emits blank with probability 1 and nothing else (LOG_ZERO), as in ESPnet."""
 
     def __init__(self, lengths: torch.Tensor, vocab: int, blank: int):
         self.lengths, self.vocab, self.blank = lengths, vocab, blank
@@ -57,8 +58,9 @@ class FramePosteriors:
     def n_frames(self) -> int:
         return int(self.lengths.max())
 
+    @abstractmethod
     def columns(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """log p_t(tokens[u, j]) of utterance u (frames, utterances, m), padded frames set."""
 
     def weighted_sums(self, weights: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """sum over frames t of weights[t, u, i] p_t(tokens[u, i, j]) / max_v p_t(v), for
