@@ -120,6 +120,20 @@ def test_every_utterance_of_a_batch_gets_espnets_nbest_alone(variant, ratios):
                 assert_same_nbest(nbest, expected[b])
 
 
+
+def test_prefixes_longer_than_their_utterance_decode_alike_alone_and_in_a_batch():
+    """maxlenratio 1.5 and minlenratio 1.1 make hypotheses outgrow their frames, where CTC keeps
+    no frame of them (ESPnet's own scorer fails there with an IndexError): each utterance still
+    gets the n-best it gets alone, in a batch whose other utterances are longer."""
+    decoder, ctc, lm, xs = models("mha")
+    lengths = torch.tensor(LENGTHS)
+    ratios = dict(maxlenratio=1.5, minlenratio=1.1)
+    search = ours(decoder, ctc, lm, 3)
+    batched = search(xs, lengths, **ratios)
+    assert any(len(nbest[0].yseq) > n + 2 for nbest, n in zip(batched, LENGTHS))
+    for b, n in enumerate(LENGTHS):
+        assert_same_nbest(search(xs[b:b + 1, :n], lengths[b:b + 1], **ratios)[0], batched[b])
+
 def test_ctc_only_and_attention_only_searches_match_espnet():
     decoder, ctc, lm, xs = models("mha", seed=1)
     for weights in ({"decoder": 0.0, "ctc": 1.0}, {"decoder": 1.0, "ctc": 0.0}):

@@ -19,9 +19,11 @@ log-posteriors of every frame and token. Here:
   column is the encoder output times the token's row of CTC's projection, less each frame's
   normaliser, so an utterance's scorer holds its encoder output, not frames x vocabulary.
 
-Frames before a prefix can end are skipped, frames past the longest utterance still decoding are
-dropped as utterances finish (``select``), and padded frames emit blank with probability 1, as in
-ESPnet. Hypothesis ``n`` belongs to utterance ``n // beam`` (utterance-major).
+Frames before a prefix can end are dropped: a prefix of n tokens has no path before frame n - 1,
+so a step reads and keeps only the frames from there on (with characters, a long prefix needs a
+good part of its utterance's frames less, and the exponentials of those LOG_ZERO frames would take
+the CPU's slow path for underflow). Frames past the longest utterance still decoding are dropped
+as utterances finish (``select``), and padded frames emit blank with probability 1, as in ESPnet. Hypothesis ``n`` belongs to utterance ``n // beam`` (utterance-major).
 """
 
 from abc import ABC, abstractmethod
@@ -46,8 +48,9 @@ def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
 
 class FramePosteriors(ABC):
     """CTC's log-posteriors log p_t(c) of a padded batch of utterances, read by column in float64:
-    ``columns(tokens)`` with ``tokens`` (utterances, m) gives (frames, utterances, m), and
-    ``weighted_sums`` the sums over frames of p_t(c) / max_v p_t(v) that psi needs. Past its end
+    ``columns(tokens, first)`` with ``tokens`` (utterances, m) gives frames ``first``, ``first +
+    1``, ... (frames, utterances, m), and ``weighted_sums`` the sums over those frames of
+    p_t(c) / max_v p_t(v) that psi needs. Past its end
     an utterance emits blank with probability 1 and nothing else (LOG_ZERO), as in ESPnet."""
 
     def __init__(self, lengths: torch.Tensor, vocab: int, blank: int):
@@ -59,15 +62,18 @@ class FramePosteriors(ABC):
         return int(self.lengths.max())
 
     @abstractmethod
-    def columns(self, tokens: torch.Tensor) -> torch.Tensor:
-        """log p_t(tokens[u, j]) of utterance u (frames, utterances, m), padded frames set."""
+    def columns(self, tokens: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """log p_t(tokens[u, j]) of utterance u for frames t >= ``first`` (frames, utterances,
+        m), padded frames set."""
 
-    def weighted_sums(self, weights: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """sum over frames t of weights[t, u, i] p_t(tokens[u, i, j]) / max_v p_t(v), for
-        ``weights`` (frames, utterances, rows) and ``tokens`` (utterances, rows, k): (utterances,
-        rows, k)."""
+    def weighted_sums(self, weights: torch.Tensor, tokens: torch.Tensor,
+                      first: int = 0) -> torch.Tensor:
+        """sum over frames t >= ``first`` of weights[t, u, i] p_t(tokens[u, i, j]) /
+        max_v p_t(v), for ``weights`` (frames, utterances, rows) and ``tokens`` (utterances,
+        rows, k): (utterances, rows, k)."""
         n_utts, rows, k = tokens.shape
-        scaled = (self.columns(tokens.view(n_utts, -1)) - self.frame_max.T[..., None]).exp()
+        scaled = (self.columns(tokens.view(n_utts, -1), first)
+                  - self.frame_max.T[first:, :, None]).exp()
         return (weights[..., None] * scaled.view(-1, n_utts, rows, k)).sum(0)
 
     # Names of what it holds per utterance, each (utterances, frames, ...).
@@ -83,9 +89,10 @@ class FramePosteriors(ABC):
         """What it holds per utterance (for memory accounting)."""
         return [getattr(self, name) for name in self.per_utterance] + [self.lengths]
 
-    def _padded(self, logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``logp`` (frames, utterances, m) of ``tokens`` (utterances, m), padded frames set."""
-        frames = torch.arange(logp.size(0), device=logp.device)
+    def _padded(self, logp: torch.Tensor, tokens: torch.Tensor, first: int) -> torch.Tensor:
+        """``logp`` (frames from ``first``, utterances, m) of ``tokens`` (utterances, m), padded
+        frames set."""
+        frames = torch.arange(first, first + logp.size(0), device=logp.device)
         padded = frames[:, None] >= self.lengths[None]  # (frames, utterances)
         fill = torch.where(tokens == self.blank, 0.0, LOG_ZERO).to(logp)
         return torch.where(padded[..., None], fill[None], logp)
@@ -100,18 +107,19 @@ class PosteriorTable(FramePosteriors):
         n_utts, _, vocab = logp.shape
         super().__init__(lengths, vocab, blank)
         every = torch.arange(vocab, device=logp.device).expand(n_utts, vocab)
-        self.logp = self._padded(logp.double().transpose(0, 1), every).transpose(0, 1)
+        self.logp = self._padded(logp.double().transpose(0, 1), every, 0).transpose(0, 1)
         self.frame_max = self.logp.amax(-1)
         self.scaled = (self.logp - self.frame_max[..., None]).exp()
 
-    def columns(self, tokens):
-        index = tokens[:, None, :].expand(-1, self.logp.size(1), -1)
-        return self.logp.gather(2, index).transpose(0, 1)
+    def columns(self, tokens, first=0):
+        logp = self.logp[:, first:]
+        return logp.gather(2, tokens[:, None, :].expand(-1, logp.size(1), -1)).transpose(0, 1)
 
-    def weighted_sums(self, weights, tokens):
+    def weighted_sums(self, weights, tokens, first=0):
         """One batched product over the whole vocabulary (a table is kept only where it is no
         wider than a frame), then the tokens asked for."""
-        products = torch.bmm(weights.permute(1, 2, 0), self.scaled)  # (utterances, rows, vocab)
+        scaled = self.scaled[:, first:]
+        products = torch.bmm(weights.permute(1, 2, 0), scaled)  # (utterances, rows, vocab)
         return products.gather(2, tokens)
 
 
@@ -140,11 +148,12 @@ class ProjectedPosteriors(FramePosteriors):
         frames_in = torch.arange(frames.size(1), device=frames.device) < lengths[:, None]
         self.frame_max = (top - self.normaliser) * frames_in
 
-    def columns(self, tokens):
-        logits = torch.bmm(self.hidden, self.weight[tokens].double().transpose(1, 2))
+    def columns(self, tokens, first=0):
+        logits = torch.bmm(self.hidden[:, first:], self.weight[tokens].double().transpose(1, 2))
         if self.bias is not None:
             logits += self.bias[tokens].double()[:, None]
-        return self._padded((logits - self.normaliser[..., None]).transpose(0, 1), tokens)
+        logp = logits - self.normaliser[:, first:, None]
+        return self._padded(logp.transpose(0, 1), tokens, first)
 
 
 
@@ -173,25 +182,39 @@ class CTCPrefixScores:
                  dtype: torch.dtype = torch.float32):
         self.posteriors, self.beam, self.eos, self.dtype = posteriors, beam, eos, dtype
         self.blank = posteriors.blank
-        # Forward variables (frames, 2, hypotheses): paths of the prefix that end in its last
-        # token (0) or in blank (1); the prefix's own score (hypotheses,).
-        blank_paths = torch.cumsum(self._blank_columns(), 0)
+        # Forward variables (frames, 2, hypotheses) of frames ``first``, ``first + 1``, ... (the
+        # prefixes have no path before): paths of the prefix that end in its last token (0) or in
+        # blank (1); the prefix's own score (hypotheses,).
+        blank_paths = torch.cumsum(self._blank_columns(0), 0)
         self.r = torch.stack((torch.full_like(blank_paths, LOG_ZERO), blank_paths), 1)
+        self.first = 0
         self.prefix_score = torch.zeros(blank_paths.size(1), dtype=torch.float64,
                                         device=blank_paths.device)
         self._pending = None
 
-    def _blank_columns(self) -> torch.Tensor:
-        """log p_t(blank) of each hypothesis' utterance (frames, hypotheses)."""
+    @property
+    def n_frames(self) -> int:
+        return self.first + self.r.size(0)
+
+    def _frames_from(self, frame: int) -> torch.Tensor:
+        """The forward variables of frames ``frame``, ``frame + 1``, ... (LOG_ZERO before the
+        first one held)."""
+        missing = self.first - frame
+        if missing > 0:
+            return torch.cat((self.r.new_full((missing, *self.r.shape[1:]), LOG_ZERO), self.r))
+        return self.r[frame - self.first:]
+
+    def _blank_columns(self, first: int) -> torch.Tensor:
+        """log p_t(blank) of each hypothesis' utterance (frames from ``first``, hypotheses)."""
         blank = torch.full((len(self.posteriors.lengths), 1), self.blank, dtype=torch.long,
                            device=self.posteriors.lengths.device)
-        return self.posteriors.columns(blank)[..., 0].repeat_interleave(self.beam, 1)
+        return self.posteriors.columns(blank, first)[..., 0].repeat_interleave(self.beam, 1)
 
-    def _hypothesis_columns(self, tokens: torch.Tensor) -> torch.Tensor:
-        """log p_t(tokens[n, j]) for hypothesis n (frames, hypotheses, j)."""
+    def _hypothesis_columns(self, tokens: torch.Tensor, first: int) -> torch.Tensor:
+        """log p_t(tokens[n, j]) for hypothesis n (frames from ``first``, hypotheses, j)."""
         n_hyps, k = tokens.shape
         by_utterance = tokens.reshape(n_hyps // self.beam, self.beam * k)
-        return self.posteriors.columns(by_utterance).reshape(-1, n_hyps, k)
+        return self.posteriors.columns(by_utterance, first).reshape(-1, n_hyps, k)
 
     def score(self, last: torch.Tensor, prefix_length: int,
               candidates: Optional[torch.Tensor]) -> torch.Tensor:
@@ -201,45 +224,53 @@ class CTCPrefixScores:
 
         ``last``: each hypothesis' last token (hypotheses,); ``prefix_length``: tokens in each
         prefix, not counting the start symbol."""
-        n_frames, n_hyps = self.r.size(0), self.r.size(2)
+        n_frames, n_hyps = self.n_frames, self.r.size(2)
         vocab = self.posteriors.vocab
-        r_sum = torch.logaddexp(self.r[:, 0], self.r[:, 1])  # (frames, hyps)
+        # A token emitted first at frame t >= start follows the prefix's paths up to t - 1, one
+        # repeating the last token only those that end in blank; at t = 0 only the empty prefix
+        # has a path (log 1). psi reads frames ``first``, ... (one at least).
         start = min(max(prefix_length, 1), n_frames)
-        # Paths of the prefix up to t - 1, for a token emitted first at t; a token repeating the
-        # last one follows only the paths that end in blank. At t = 0 only the empty prefix has
-        # a path (log 1).
-        phi = torch.cat((r_sum.new_full((1, n_hyps), 0.0 if prefix_length == 0 else
-                                        float("-inf")), r_sum[:-1]))
-        phi[1:start] = float("-inf")
-        repeat_phi = torch.cat((phi[:1], self.r[:-1, 1]))
-        repeat_phi[1:start] = float("-inf")
+        first = 0 if prefix_length == 0 else min(start, n_frames - 1)
+        r = self._frames_from(max(first - 1, 0))
+        r_sum = torch.logaddexp(r[:, 0], r[:, 1])
+        if first == 0:
+            phi = torch.cat((r_sum.new_full((1, n_hyps), 0.0), r_sum[:-1]))
+            repeat_phi = torch.cat((phi[:1], r[:-1, 1]))
+        else:
+            phi, repeat_phi = r_sum[:-1].clone(), r[:-1, 1].clone()
+        phi[max(1 - first, 0):start - first] = float("-inf")
+        repeat_phi[max(1 - first, 0):start - first] = float("-inf")
         columns = (torch.arange(vocab, device=phi.device).expand(n_hyps, vocab)
                    if candidates is None else candidates)
-        psi = self._psi(phi, repeat_phi, last, columns)
+        psi = self._psi(phi, repeat_phi, last, columns, first)
         scores = torch.full((n_hyps, vocab), LOG_ZERO, dtype=torch.float64, device=phi.device)
         scores.scatter_(1, columns, psi.clamp(min=LOG_ZERO))
-        # End of sentence: every path of the prefix to the utterance's last frame.
-        lengths = self.posteriors.lengths.repeat_interleave(self.beam)
-        scores[:, self.eos] = r_sum[lengths - 1, torch.arange(n_hyps)]
+        # End of sentence: every path of the prefix to the utterance's last frame (none where
+        # that frame is before the prefix's first).
+        last_frame = self.posteriors.lengths.repeat_interleave(self.beam) - 1
+        r_end = self.r[(last_frame - self.first).clamp(min=0), :, torch.arange(n_hyps)]
+        scores[:, self.eos] = torch.where(last_frame >= self.first,
+                                          torch.logaddexp(r_end[:, 0], r_end[:, 1]), LOG_ZERO)
         if self.eos != self.blank:
             scores[:, self.blank] = LOG_ZERO
         self._pending = (scores, last, prefix_length)
         return (scores - self.prefix_score[:, None]).to(self.dtype)
 
-    def _psi(self, phi, repeat_phi, last, tokens) -> torch.Tensor:
+    def _psi(self, phi, repeat_phi, last, tokens, first) -> torch.Tensor:
         """log psi(prefix + token) of each hypothesis and of each of its ``tokens`` (hyps, k):
-        a weighted sum over frames of the scaled posteriors, each frame weighted by the prefix's
-        paths times its most likely token's posterior (relative to the largest weight)."""
+        a weighted sum over frames ``first``, ... of the scaled posteriors, each frame weighted
+        by the prefix's paths times its most likely token's posterior (relative to the largest
+        weight)."""
         n_frames, n_hyps = phi.shape
-        weight = phi + self.posteriors.frame_max.T.repeat_interleave(self.beam, 1)
+        weight = phi + self.posteriors.frame_max.T[first:].repeat_interleave(self.beam, 1)
         top = weight.amax(0).clamp(min=LOG_ZERO)
         sums = self.posteriors.weighted_sums(
             (weight - top).exp().view(n_frames, -1, self.beam),
-            tokens.reshape(-1, self.beam, tokens.size(1)))
+            tokens.reshape(-1, self.beam, tokens.size(1)), first)
         psi = sums.view(n_hyps, -1).log() + top[:, None]
         repeats = tokens == last[:, None]
         if repeats.any():
-            emit_last = self._hypothesis_columns(last[:, None])[..., 0]
+            emit_last = self._hypothesis_columns(last[:, None], first)[..., 0]
             psi_last = torch.logsumexp(repeat_phi + emit_last, 0)
             psi = torch.where(repeats, psi_last[:, None], psi)
         return psi
@@ -252,28 +283,31 @@ class CTCPrefixScores:
         scores, last, prefix_length = self._pending
         self._pending = None
         self.prefix_score = scores[rows, tokens]
-        r = self.r[:, :, rows]
+        self.r = self.r[:, :, rows]
         if utterances is not None:
             self.posteriors.keep(utterances)
-            r = r[:self.posteriors.n_frames]
-        self.r = self._extended(r, last[rows], tokens, prefix_length)
+            end = self.posteriors.n_frames
+            if end <= self.first:  # the prefixes are longer than every utterance left
+                self.r, self.first = torch.full_like(self.r[:1], LOG_ZERO), end - 1
+            self.r = self.r[:end - self.first]
+        self._extend(last[rows], tokens, prefix_length)
 
-    def _extended(self, r, last, tokens, prefix_length) -> torch.Tensor:
-        """Forward variables of the prefixes extended by ``tokens`` (frames, 2, hyps)."""
-        n_frames = r.size(0)
-        emit = self._hypothesis_columns(tokens[:, None])[..., 0]  # (frames, hyps)
-        emit_blank = self._blank_columns()
-        r_sum = torch.logaddexp(r[:, 0], r[:, 1])
-        phi = torch.where((tokens == last)[None], r[:, 1], r_sum)
+    def _extend(self, last, tokens, prefix_length) -> None:
+        """Extend the prefixes by ``tokens``: their forward variables from the first frame they
+        can have a path on."""
+        n_frames = self.n_frames
         start = min(max(prefix_length, 1), n_frames)
+        r = self._frames_from(start - 1)
+        emit = self._hypothesis_columns(tokens[:, None], start - 1)[..., 0]  # (frames, hyps)
+        emit_blank = self._blank_columns(start)
+        phi = torch.where((tokens == last)[None], r[:, 1], torch.logaddexp(r[:, 0], r[:, 1]))
         new = torch.full_like(r, LOG_ZERO)
         if prefix_length == 0:
             new[0, 0] = emit[0]
-        initial = new[start - 1]
-        new[start:, 0] = _log_cumulative_recursion(initial[0], phi[start - 1:-1], emit[start:])
-        ends_in_token = new[start - 1:-1, 0]
-        new[start:, 1] = _log_cumulative_recursion(initial[1], ends_in_token, emit_blank[start:])
-        return new
+        initial = new[0]
+        new[1:, 0] = _log_cumulative_recursion(initial[0], phi[:-1], emit[1:])
+        new[1:, 1] = _log_cumulative_recursion(initial[1], new[:-1, 0], emit_blank)
+        self.r, self.first = new, start - 1
 
     def tensors(self) -> List[torch.Tensor]:
         """What the scorer holds between steps (for memory accounting)."""
