@@ -646,6 +646,11 @@ def test_comparisons_are_pooled_over_seeds(tmp_path):
     by_question = {row[0]: row[share] for row in rows[2:]}
     assert by_question["conformer: mha -> mla (pooled over seeds)"] == "0.00"
     assert by_question["conformer: mha -> mla"] == "-"  # one seed against one
+    # Seed by seed, each seed against the same seed only.
+    per_seed = {(c["a"].split("/")[0], c["b"].split("/")[0])
+                for c in results(tmp_path / "out")["comparisons"]
+                if c["question"] == "conformer: mha -> mla"}
+    assert per_seed == {("asr_mha_seed0", "asr_mla_seed0"), ("asr_mha_seed1", "asr_mla_seed1")}
 
 
 def test_the_seed_share_column_shows_results_json(tmp_path):
@@ -706,3 +711,32 @@ def test_a_malformed_batch_profile_is_named(small_study, tmp_path):
     write(path, json.dumps(kv_batch([(2, -1.0, 10)])))
     assert f"{path} row 0: 'seconds' must be a positive number" in report_error(
         small_study.exp, tmp_path)
+
+
+def test_chunking_is_compared_at_the_same_frame_rate_and_a_conversion_with_its_own_design(
+        tmp_path):
+    """The control of a dynamic-chunking model has its input layer (frame rate); a router
+    inserted into a trained model is compared with the model trained from scratch with the same
+    router, not with another design."""
+    study = Study(tmp_path)
+    design = {"after_block": 2, "target_ratio": 0.5}
+    study.model("asr_control", conmamba(input_layer="linear"))
+    study.model("asr_other_rate", conmamba(input_layer="conv2d"))
+    study.model("asr_dc", conmamba(input_layer="linear", dynamic_chunking=design))
+    study.model("asr_dc_r06", conmamba(input_layer="linear",
+                                       dynamic_chunking={**design, "target_ratio": 0.6}))
+    study.model("asr_dc_inserted", conmamba(input_layer="linear", dynamic_chunking=design),
+                {"finetune_from": "exp/asr_control",
+                 "convert_args": "--target dynamic_chunking --after_block 2"},
+                conversion={"target": "dynamic_chunking", "source": {
+                    "config": "exp/asr_control/config.yaml", "model": "x.pth"}})
+    for name in ("asr_control", "asr_other_rate", "asr_dc", "asr_dc_r06", "asr_dc_inserted"):
+        study.decode(name, "test_clean", "mixed")
+    main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out")])
+    answered = {(c["question"].split(": ")[-1], c["a"].split("/")[0], c["b"].split("/")[0])
+                for c in results(tmp_path / "out")["comparisons"]}
+    assert answered == {
+        ("conmamba -> conmamba with dynamic chunking", "asr_control", "asr_dc"),
+        ("conmamba -> conmamba with dynamic chunking", "asr_control", "asr_dc_r06"),
+        ("trained from scratch -> converted", "asr_dc", "asr_dc_inserted"),
+    }

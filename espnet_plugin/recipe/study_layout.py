@@ -18,6 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import yaml
@@ -92,6 +93,13 @@ class Architecture:
     decoder_attention: str  # the decoder's self-attention type; "-" without one
     size: tuple  # encoder output_size and num_blocks, decoder num_blocks (None where unset)
     chunking: bool  # the encoder has dynamic chunking
+    chunking_design: str = ""  # its options (router position, target ratio, ...) as JSON
+    input_layer: Optional[str] = None  # the encoder's input layer: it sets the frame rate
+
+    @property
+    def shape(self) -> tuple:
+        """Size and frame rate: what the two models of a question's pair share."""
+        return (*self.size, self.input_layer)
 
 
 def _section(config: dict, key: str, path: Path) -> dict:
@@ -128,6 +136,8 @@ def read_architecture(path: Path) -> Architecture:
         size=(encoder_conf.get("output_size"), encoder_conf.get("num_blocks"),
               decoder_conf.get("num_blocks")),
         chunking=bool(encoder_conf.get("dynamic_chunking")),
+        chunking_design=json.dumps(encoder_conf.get("dynamic_chunking") or {}, sort_keys=True),
+        input_layer=encoder_conf.get("input_layer"),
     )
 
 

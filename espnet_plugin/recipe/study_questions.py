@@ -1,12 +1,14 @@
 """The questions the study asks of its models, and their answers: for each question the pairs of
 models that answer it, matched on what their configs and stamps say (encoder, attention, how the
-model was made, dynamic chunking), never on their names; for each pair a paired bootstrap of the
-WER difference on every test set both decoded with the same options, on the same utterances.
+model was made, dynamic chunking and its design, size and input layer), never on their names; for
+each pair a paired bootstrap of the WER difference on every test set both decoded with the same
+options, on the same utterances.
 
     per encoder:     mha -> mla, mla -> gqa, mha -> linear (same size, trained from scratch)
     per attention:   conformer -> branchformer
     once:            conformer mha -> conmamba; conmamba -> conmamba with dynamic chunking
-    per converted:   the same architecture trained from scratch -> the converted model;
+    per converted:   the same architecture (dynamic chunking's design included) trained from
+                     scratch -> the converted model;
                      its source fine-tuned without conversion -> the converted model
 
 A is the reference of each question, B the alternative: differences are B - A, in WER points.
@@ -44,7 +46,7 @@ def study_questions(models: list[Model]) -> list[Question]:
     def pairs(a: dict, b: dict, same_size: bool) -> list[tuple[Model, Model]]:
         return [(x, y) for x in scratch if _matches(x, **a) for y in scratch
                 if y is not x and _matches(y, **b)
-                and (not same_size or x.arch.size == y.arch.size)]
+                and (not same_size or x.arch.shape == y.arch.shape)]
 
     with_attention = [m.arch.encoder for m in models if m.arch.attention != NO_ATTENTION]
     encoders = ordered(["conformer", "branchformer", *with_attention], ENCODER_ORDER)
@@ -89,12 +91,15 @@ class Answer:
 
 
 def answer(question: Question, systems: list[System], samples: int) -> Answer:
-    """Paired bootstraps of the WER of every current decode pair with the same decoding options,
-    on each test set both decoded (same utterances)."""
+    """Paired bootstraps of the WER of every current decode pair with the same decoding options
+    (of the same seed, where both have seeds), on each test set both decoded (same utterances),
+    and pooled over the seeds."""
     if not question.pairs:
         return Answer(question.title, [], "models absent")
     comparisons, reasons = [], set()
     for model_a, model_b in question.pairs:
+        if None not in (model_a.seed, model_b.seed) and model_a.seed != model_b.seed:
+            continue  # a seed is compared with the same seed; across seeds only pooled
         for a in (s for s in systems if s.model is model_a):
             for b in (s for s in systems if s.model is model_b):
                 if a.stale or b.stale:
