@@ -5,7 +5,10 @@ Python has espnet 202611, that release's own utterance-batched ``BatchBeamSearch
 Same model, same utterances, same machine, one run: each way decodes the whole set (encoder
 included, model loading and one warm-up utterance not), and reports utterances per second, the
 real-time factor and peak memory; the 1-best token ids of every way are compared with ESPnet's.
-Utterances are batched longest first for every batched way alike.
+Utterances are batched longest first for every batched way alike. On a noisy machine
+``--repeats N`` decodes the set N times in rounds, every way once a round: a row's time is its
+median, and its speed-up the median of its ratios to the first row within a round (espnet
+202611's rounds run in their own process afterwards, so its speed-up is a ratio of medians).
 
     python -m espnet_plugin.bin.benchmark_decoding --asr_train_config exp/asr_x/config.yaml \\
         --asr_model_file exp/asr_x/valid.acc.ave.pth --config conf/decode_asr.yaml \\
@@ -14,6 +17,7 @@ Utterances are batched longest first for every batched way alike.
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -47,11 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--espnet_202611_batch_sizes", type=int, nargs="+",
                         help="its batch sizes (default: --batch_sizes)")
     parser.add_argument("--ngpu", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of decoding the set, every way once a round")
     parser.add_argument("--output_json", default="benchmark_decoding.json")
     parser.add_argument("--worker", choices=("espnet_batched",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1:
         raise UserError(f"--batch_sizes must be 1 or more, got {args.batch_sizes}")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be 1 or more, got {args.repeats}")
     return args
 
 
@@ -83,6 +91,17 @@ def measured(decode, device: str) -> tuple[dict, float, int]:
     return tokens, time.perf_counter() - start, peak.peak_bytes()
 
 
+def in_rounds(ways: list, repeats: int, device: str) -> list[tuple[dict, list[float], int]]:
+    """Each of ``ways`` (a ``decode`` each) run once a round, ``repeats`` rounds: its tokens (of
+    the last round), seconds of every round and largest peak memory."""
+    runs = [[] for _ in ways]
+    for _ in range(repeats):
+        for decode, done in zip(ways, runs):
+            done.append(measured(decode, device))
+    return [(done[-1][0], [seconds for _, seconds, _ in done], max(p for _, _, p in done))
+            for done in runs]
+
+
 def espnet_per_utterance(speech2text, utts) -> dict:
     return {key: speech2text(speech)[0][2] for key, speech in utts}
 
@@ -109,13 +128,22 @@ def espnet_batched(speech2text, utts, batch_size) -> dict:
     return found
 
 
-def row(name: str, tokens: dict, seconds: float, peak: int, audio_seconds: float,
-        reference: dict, **extra) -> dict:
+def row(name: str, tokens: dict, seconds_per_run: list[float], peak: int,
+        audio_seconds: float, reference: dict, **extra) -> dict:
     differ = sorted(k for k in reference if tokens.get(k) != reference[k])
+    seconds = statistics.median(seconds_per_run)
     return {"decoder": name, **extra, "utterances": len(tokens), "seconds": seconds,
+            "seconds_per_run": seconds_per_run,
             "utterances_per_second": len(tokens) / seconds, "rtf": seconds / audio_seconds,
             "peak_memory_bytes": peak, "identical_to_espnet": not differ,
             "differing_utterances": differ}
+
+
+def paired_speedup(base: dict, other: dict) -> float:
+    """The median of ``other``'s ratios to ``base`` within a round (both ran in the same
+    rounds)."""
+    return statistics.median(
+        b / o for b, o in zip(base["seconds_per_run"], other["seconds_per_run"]))
 
 
 def worker(args) -> None:
@@ -125,9 +153,9 @@ def worker(args) -> None:
         utts = utterances(args, speech2text)
         speech2text([utts[-1][1]] * min(batch_size, 2))  # warm-up
         device = str(speech2text.device)
-        tokens, seconds, peak = measured(lambda: espnet_batched(speech2text, utts, batch_size),
-                                         device)
-        print(json.dumps({"batch_size": batch_size, "tokens": tokens, "seconds": seconds,
+        [(tokens, seconds, peak)] = in_rounds(
+            [lambda: espnet_batched(speech2text, utts, batch_size)], args.repeats, device)
+        print(json.dumps({"batch_size": batch_size, "tokens": tokens, "seconds_per_run": seconds,
                           "peak_memory_bytes": peak}))
 
 
@@ -141,17 +169,17 @@ def main(argv=None) -> dict:
     audio_seconds = sum(len(s) for _, s in utts) / rate
     device = str(speech2text.device)
     speech2text(utts[-1][1])  # warm-up
-    reference, rows = None, []
+    ways = [("espnet_plugin batched", size, lambda size=size: ours(speech2text, utts, size))
+            for size in args.batch_sizes]
     if args.espnet == "true":
-        reference, seconds, peak = measured(lambda: espnet_per_utterance(speech2text, utts),
-                                            device)
-        rows.append(row("espnet, one utterance at a time", reference, seconds, peak,
-                        audio_seconds, reference, batch_size=1))
-    for batch_size in args.batch_sizes:
-        tokens, seconds, peak = measured(lambda: ours(speech2text, utts, batch_size), device)
-        reference = reference or tokens
-        rows.append(row("espnet_plugin batched", tokens, seconds, peak, audio_seconds,
-                        reference, batch_size=batch_size))
+        ways.insert(0, ("espnet, one utterance at a time", 1,
+                        lambda: espnet_per_utterance(speech2text, utts)))
+    results = in_rounds([decode for _, _, decode in ways], args.repeats, device)
+    reference = results[0][0]
+    rows = [row(name, tokens, seconds, peak, audio_seconds, reference, batch_size=size)
+            for (name, size, _), (tokens, seconds, peak) in zip(ways, results)]
+    for r in rows:
+        r["speedup_over_first_row"] = paired_speedup(rows[0], r)
     if args.espnet_202611_python:
         command = [args.espnet_202611_python, "-m", "espnet_plugin.bin.benchmark_decoding",
                    *(argv if argv is not None else sys.argv[1:]), "--worker", "espnet_batched"]
@@ -163,12 +191,10 @@ def main(argv=None) -> dict:
             if line.startswith("{"):
                 result = json.loads(line)
                 tokens = {k: list(v) for k, v in result["tokens"].items()}
-                rows.append(row("espnet 202611 BatchBeamSearch", tokens, result["seconds"],
-                                result["peak_memory_bytes"], audio_seconds, reference,
-                                batch_size=result["batch_size"]))
-    base = rows[0]["seconds"]
-    for r in rows:
-        r["speedup_over_first_row"] = base / r["seconds"]
+                rows.append(row("espnet 202611 BatchBeamSearch", tokens,
+                                result["seconds_per_run"], result["peak_memory_bytes"],
+                                audio_seconds, reference, batch_size=result["batch_size"]))
+                rows[-1]["speedup_over_first_row"] = rows[0]["seconds"] / rows[-1]["seconds"]
     report = {"machine": machine_info(device), "asr_model_file": args.asr_model_file,
               "wav_scp": args.wav_scp, "audio_seconds": audio_seconds, "rows": rows}
     print(f"{'decoder':34} {'batch':>5} {'utt/s':>7} {'RTF':>7} {'peak MB':>8} "
