@@ -715,10 +715,11 @@ def test_a_malformed_batch_profile_is_named(small_study, tmp_path):
 
 def test_chunking_is_compared_at_the_same_frame_rate_and_a_conversion_with_its_own_design(
         tmp_path):
-    """The control of a dynamic-chunking model has its input layer (frame rate); a router
-    inserted into a trained model is compared with the model trained from scratch with the same
-    router, not with another design."""
+    """The control of a dynamic-chunking model has its input layer (frame rate), and so has the
+    ConMamba a Conformer is compared with; a router inserted into a trained model is compared
+    with the model trained from scratch with the same router, not with another design."""
     study = Study(tmp_path)
+    study.model("asr_conformer", conformer("mha", input_layer="conv2d"))
     design = {"after_block": 2, "target_ratio": 0.5}
     study.model("asr_control", conmamba(input_layer="linear"))
     study.model("asr_other_rate", conmamba(input_layer="conv2d"))
@@ -730,12 +731,14 @@ def test_chunking_is_compared_at_the_same_frame_rate_and_a_conversion_with_its_o
                  "convert_args": "--target dynamic_chunking --after_block 2"},
                 conversion={"target": "dynamic_chunking", "source": {
                     "config": "exp/asr_control/config.yaml", "model": "x.pth"}})
-    for name in ("asr_control", "asr_other_rate", "asr_dc", "asr_dc_r06", "asr_dc_inserted"):
+    for name in ("asr_conformer", "asr_control", "asr_other_rate", "asr_dc", "asr_dc_r06",
+                 "asr_dc_inserted"):
         study.decode(name, "test_clean", "mixed")
     main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out")])
     answered = {(c["question"].split(": ")[-1], c["a"].split("/")[0], c["b"].split("/")[0])
                 for c in results(tmp_path / "out")["comparisons"]}
     assert answered == {
+        ("conformer mha -> conmamba", "asr_conformer", "asr_other_rate"),
         ("conmamba -> conmamba with dynamic chunking", "asr_control", "asr_dc"),
         ("conmamba -> conmamba with dynamic chunking", "asr_control", "asr_dc_r06"),
         ("trained from scratch -> converted", "asr_dc", "asr_dc_inserted"),

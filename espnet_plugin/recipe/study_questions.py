@@ -44,9 +44,10 @@ def study_questions(models: list[Model]) -> list[Question]:
     scratch = [m for m in models if m.origin == "scratch"]
 
     def pairs(a: dict, b: dict, same_size: bool) -> list[tuple[Model, Model]]:
+        # Always at one frame rate (input layer); with same_size, at one size too.
+        alike = (lambda m: m.arch.shape) if same_size else (lambda m: m.arch.input_layer)
         return [(x, y) for x in scratch if _matches(x, **a) for y in scratch
-                if y is not x and _matches(y, **b)
-                and (not same_size or x.arch.shape == y.arch.shape)]
+                if y is not x and _matches(y, **b) and alike(x) == alike(y)]
 
     with_attention = [m.arch.encoder for m in models if m.arch.attention != NO_ATTENTION]
     encoders = ordered(["conformer", "branchformer", *with_attention], ENCODER_ORDER)
