@@ -196,7 +196,9 @@ def main(argv=None) -> dict:
                                 audio_seconds, reference, batch_size=result["batch_size"]))
                 rows[-1]["speedup_over_first_row"] = rows[0]["seconds"] / rows[-1]["seconds"]
     report = {"machine": machine_info(device), "asr_model_file": args.asr_model_file,
-              "wav_scp": args.wav_scp, "audio_seconds": audio_seconds, "rows": rows}
+              "wav_scp": args.wav_scp, "audio_seconds": audio_seconds, "repeats": args.repeats,
+              "rows": rows}
+    print(f"median of {args.repeats} round(s):")
     print(f"{'decoder':34} {'batch':>5} {'utt/s':>7} {'RTF':>7} {'peak MB':>8} "
           f"{'speed-up':>8} identical")
     for r in rows:
