@@ -202,3 +202,28 @@ def test_a_vocabulary_larger_than_the_encoder_output_gets_espnets_nbest(variant)
     assert built and max(len(e[0].yseq) for e in expected) > 4
     for b in range(len(LENGTHS)):
         assert_same_nbest(batched[b], expected[b])
+
+
+def test_a_confident_ctc_is_scored_on_a_window_of_frames_with_espnets_nbest():
+    """A sure CTC puts a prefix's paths on a few frames: the scorer holds those (a window of
+    them, not the utterance), and long utterances still get ESPnet's n-best."""
+    decoder, ctc, lm, _ = models("mha", seed=5)
+    sharpened(ctc, factor=4.0)  # 16 times the random model's confidence in all
+    lengths = [150, 110]
+    torch.manual_seed(5)
+    xs = torch.randn(len(lengths), max(lengths), SIZE)
+    held = []
+    extend = ctc_prefix.CTCPrefixScores._extend
+
+    def recording(scorer, *args):
+        extend(scorer, *args)
+        held.append(scorer.r.size(0))
+
+    with torch.no_grad():
+        expected = [espnet_search(decoder, ctc, lm)(xs[b, :n], maxlenratio=0.2)[:2]
+                    for b, n in enumerate(lengths)]
+    with patch.object(ctc_prefix.CTCPrefixScores, "_extend", recording):
+        batched = ours(decoder, ctc, lm, 2)(xs, torch.tensor(lengths), maxlenratio=0.2)
+    assert max(held[5:]) < min(lengths) // 3
+    for b in range(len(lengths)):
+        assert_same_nbest(batched[b], expected[b])

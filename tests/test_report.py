@@ -629,6 +629,9 @@ def test_comparisons_are_pooled_over_seeds(tmp_path):
         study.decode(f"asr_mha_seed{seed}", "test_clean", "poor")
         study.model(f"asr_mla_seed{seed}", conformer("mla"), {"asr_args": f"--seed {seed}"})
         study.decode(f"asr_mla_seed{seed}", "test_clean", "perfect")
+    # The same config without a seed (a recipe's main job): the seeds answer without it.
+    study.model("asr_mla_main_job", conformer("mla"))
+    study.decode("asr_mla_main_job", "test_clean", "mixed")
     main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out"),
           "--bootstrap_samples", "200"])
     pooled = [c for c in json.loads((tmp_path / "out/results.json").read_text())["comparisons"]

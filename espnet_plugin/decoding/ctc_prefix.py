@@ -18,12 +18,18 @@ log-posteriors of every frame and token. Here:
   is larger than the encoder output (BPE 5000 against 256 dimensions) no table of them is kept: a
   column is the encoder output times the token's row of CTC's projection, less each frame's
   normaliser, so an utterance's scorer holds its encoder output, not frames x vocabulary.
+* Only the frames where the prefixes' paths are (a window) are read and kept. A prefix of n
+  tokens has no path before frame n - 1, and a trained CTC is sure of its alignment: a few frames
+  past the prefix's last token its paths must cross frames where CTC hears the next token, and
+  they fall more than ``WINDOW_MARGIN`` (50 nats, a factor e^-50) below the prefix's most likely
+  frame. Those frames are dropped, so a step reads a few dozen frames of a 25 s utterance, not
+  hundreds. What that changes is the score of a token the prefix reaches only through dropped
+  paths, more than 50 nats below the prefix itself: lower than ESPnet's, where no beam of real
+  speech keeps it (the n-best stays ESPnet's, ``tests/test_batch_beam_search.py``).
 
-Frames before a prefix can end are dropped: a prefix of n tokens has no path before frame n - 1,
-so a step reads and keeps only the frames from there on (with characters, a long prefix needs a
-good part of its utterance's frames less, and the exponentials of those LOG_ZERO frames would take
-the CPU's slow path for underflow). Frames past the longest utterance still decoding are dropped
-as utterances finish (``select``), and padded frames emit blank with probability 1, as in ESPnet. Hypothesis ``n`` belongs to utterance ``n // beam`` (utterance-major).
+Frames past the longest utterance still decoding are dropped as utterances finish (``select``),
+and padded frames emit blank with probability 1, as in ESPnet. Hypothesis ``n`` belongs to
+utterance ``n // beam`` (utterance-major).
 """
 
 from abc import ABC, abstractmethod
@@ -34,6 +40,7 @@ import torch
 from espnet_plugin.asr_model import frame_log_softmax, frame_projection
 
 LOG_ZERO = -1e10  # ESPnet's logzero: finite, so sums of it never make NaN
+WINDOW_MARGIN = 50.0  # nats below a prefix's most likely frame where its paths are dropped
 
 
 def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
@@ -48,8 +55,8 @@ def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
 
 class FramePosteriors(ABC):
     """CTC's log-posteriors log p_t(c) of a padded batch of utterances, read by column in float64:
-    ``columns(tokens, first)`` with ``tokens`` (utterances, m) gives frames ``first``, ``first +
-    1``, ... (frames, utterances, m), and ``weighted_sums`` the sums over those frames of
+    ``columns(tokens, first, end)`` with ``tokens`` (utterances, m) gives frames ``first`` to
+    ``end`` - 1 (frames, utterances, m), and ``weighted_sums`` the sums over such frames of
     p_t(c) / max_v p_t(v) that psi needs. Past its end
     an utterance emits blank with probability 1 and nothing else (LOG_ZERO), as in ESPnet."""
 
@@ -62,18 +69,20 @@ class FramePosteriors(ABC):
         return int(self.lengths.max())
 
     @abstractmethod
-    def columns(self, tokens: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """log p_t(tokens[u, j]) of utterance u for frames t >= ``first`` (frames, utterances,
-        m), padded frames set."""
+    def columns(self, tokens: torch.Tensor, first: int = 0,
+                end: Optional[int] = None) -> torch.Tensor:
+        """log p_t(tokens[u, j]) of utterance u for frames ``first`` <= t < ``end`` (default:
+        the last) (frames, utterances, m), padded frames set."""
 
     def weighted_sums(self, weights: torch.Tensor, tokens: torch.Tensor,
                       first: int = 0) -> torch.Tensor:
-        """sum over frames t >= ``first`` of weights[t, u, i] p_t(tokens[u, i, j]) /
-        max_v p_t(v), for ``weights`` (frames, utterances, rows) and ``tokens`` (utterances,
-        rows, k): (utterances, rows, k)."""
+        """sum over frames t = ``first``, ``first`` + 1, ... of weights[t - first, u, i]
+        p_t(tokens[u, i, j]) / max_v p_t(v), for ``weights`` (frames, utterances, rows) and
+        ``tokens`` (utterances, rows, k): (utterances, rows, k)."""
         n_utts, rows, k = tokens.shape
-        scaled = (self.columns(tokens.view(n_utts, -1), first)
-                  - self.frame_max.T[first:, :, None]).exp()
+        end = first + weights.size(0)
+        scaled = (self.columns(tokens.view(n_utts, -1), first, end)
+                  - self.frame_max.T[first:end, :, None]).exp()
         return (weights[..., None] * scaled.view(-1, n_utts, rows, k)).sum(0)
 
     # Names of what it holds per utterance, each (utterances, frames, ...).
@@ -111,14 +120,14 @@ class PosteriorTable(FramePosteriors):
         self.frame_max = self.logp.amax(-1)
         self.scaled = (self.logp - self.frame_max[..., None]).exp()
 
-    def columns(self, tokens, first=0):
-        logp = self.logp[:, first:]
+    def columns(self, tokens, first=0, end=None):
+        logp = self.logp[:, first:end]
         return logp.gather(2, tokens[:, None, :].expand(-1, logp.size(1), -1)).transpose(0, 1)
 
     def weighted_sums(self, weights, tokens, first=0):
         """One batched product over the whole vocabulary (a table is kept only where it is no
         wider than a frame), then the tokens asked for."""
-        scaled = self.scaled[:, first:]
+        scaled = self.scaled[:, first:first + weights.size(0)]
         products = torch.bmm(weights.permute(1, 2, 0), scaled)  # (utterances, rows, vocab)
         return products.gather(2, tokens)
 
@@ -148,11 +157,12 @@ class ProjectedPosteriors(FramePosteriors):
         frames_in = torch.arange(frames.size(1), device=frames.device) < lengths[:, None]
         self.frame_max = (top - self.normaliser) * frames_in
 
-    def columns(self, tokens, first=0):
-        logits = torch.bmm(self.hidden[:, first:], self.weight[tokens].double().transpose(1, 2))
+    def columns(self, tokens, first=0, end=None):
+        logits = torch.bmm(self.hidden[:, first:end],
+                           self.weight[tokens].double().transpose(1, 2))
         if self.bias is not None:
             logits += self.bias[tokens].double()[:, None]
-        logp = logits - self.normaliser[:, first:, None]
+        logp = logits - self.normaliser[:, first:end, None]
         return self._padded(logp.transpose(0, 1), tokens, first)
 
 
@@ -182,39 +192,57 @@ class CTCPrefixScores:
                  dtype: torch.dtype = torch.float32):
         self.posteriors, self.beam, self.eos, self.dtype = posteriors, beam, eos, dtype
         self.blank = posteriors.blank
-        # Forward variables (frames, 2, hypotheses) of frames ``first``, ``first + 1``, ... (the
-        # prefixes have no path before): paths of the prefix that end in its last token (0) or in
-        # blank (1); the prefix's own score (hypotheses,).
-        blank_paths = torch.cumsum(self._blank_columns(0), 0)
-        self.r = torch.stack((torch.full_like(blank_paths, LOG_ZERO), blank_paths), 1)
-        self.first = 0
+        # Forward variables (frames, 2, hypotheses) of the window, frames ``first`` to ``end`` -
+        # 1 (LOG_ZERO outside): paths of the prefix that end in its last token (0) or in blank
+        # (1); the prefix's own score (hypotheses,).
+        blank_paths = torch.cumsum(self._blank_columns(0, posteriors.n_frames), 0)
+        self.r, self.first = self._window(
+            torch.stack((torch.full_like(blank_paths, LOG_ZERO), blank_paths), 1), 0)
         self.prefix_score = torch.zeros(blank_paths.size(1), dtype=torch.float64,
                                         device=blank_paths.device)
         self._pending = None
 
     @property
-    def n_frames(self) -> int:
+    def end(self) -> int:
         return self.first + self.r.size(0)
 
-    def _frames_from(self, frame: int) -> torch.Tensor:
-        """The forward variables of frames ``frame``, ``frame + 1``, ... (LOG_ZERO before the
-        first one held)."""
-        missing = self.first - frame
-        if missing > 0:
-            return torch.cat((self.r.new_full((missing, *self.r.shape[1:]), LOG_ZERO), self.r))
-        return self.r[frame - self.first:]
+    def _window(self, r: torch.Tensor, first: int):
+        """``r`` (its first frame ``first``) on the frames where some hypothesis' paths are
+        within ``WINDOW_MARGIN`` of its most likely frame, and the first of those frames.
 
-    def _blank_columns(self, first: int) -> torch.Tensor:
-        """log p_t(blank) of each hypothesis' utterance (frames from ``first``, hypotheses)."""
+        Each utterance keeps the frames from its first such frame to its last and LOG_ZERO
+        elsewhere, and a value below LOG_ZERO / 2 (a prefix without a path) is LOG_ZERO: what
+        an utterance's hypotheses hold is the same alone as in any batch."""
+        n_frames, n_hyps = r.size(0), r.size(2)
+        total = torch.logaddexp(r[:, 0], r[:, 1])  # (frames, hypotheses)
+        frames = torch.arange(n_frames, device=r.device)
+        lengths = self.posteriors.lengths.repeat_interleave(self.beam) - first
+        total = total.masked_fill(frames[:, None] >= lengths[None], LOG_ZERO)
+        paths = (total > total.amax(0) - WINDOW_MARGIN) & (total > LOG_ZERO / 2)
+        paths = paths.view(n_frames, -1, self.beam).any(2)  # (frames, utterances)
+        lo = torch.where(paths, frames[:, None], n_frames).amin(0)
+        hi = torch.where(paths, frames[:, None] + 1, 0).amax(0)
+        inside = (frames[:, None] >= lo) & (frames[:, None] < hi)
+        inside = inside.repeat_interleave(self.beam, 1)[:, None] & (r > LOG_ZERO / 2)
+        r = torch.where(inside, r, LOG_ZERO)
+        lo, hi = int(lo.min()), int(hi.max())
+        if lo >= hi:  # no prefix has a path
+            return r[:1], first
+        return r[lo:hi], first + lo
+
+    def _blank_columns(self, first: int, end: int) -> torch.Tensor:
+        """log p_t(blank) of each hypothesis' utterance (frames ``first`` to ``end`` - 1,
+        hypotheses)."""
         blank = torch.full((len(self.posteriors.lengths), 1), self.blank, dtype=torch.long,
                            device=self.posteriors.lengths.device)
-        return self.posteriors.columns(blank, first)[..., 0].repeat_interleave(self.beam, 1)
+        return self.posteriors.columns(blank, first, end)[..., 0].repeat_interleave(self.beam, 1)
 
-    def _hypothesis_columns(self, tokens: torch.Tensor, first: int) -> torch.Tensor:
-        """log p_t(tokens[n, j]) for hypothesis n (frames from ``first``, hypotheses, j)."""
+    def _hypothesis_columns(self, tokens: torch.Tensor, first: int, end: int) -> torch.Tensor:
+        """log p_t(tokens[n, j]) for hypothesis n (frames ``first`` to ``end`` - 1,
+        hypotheses, j)."""
         n_hyps, k = tokens.shape
         by_utterance = tokens.reshape(n_hyps // self.beam, self.beam * k)
-        return self.posteriors.columns(by_utterance, first).reshape(-1, n_hyps, k)
+        return self.posteriors.columns(by_utterance, first, end).reshape(-1, n_hyps, k)
 
     def score(self, last: torch.Tensor, prefix_length: int,
               candidates: Optional[torch.Tensor]) -> torch.Tensor:
@@ -224,33 +252,33 @@ class CTCPrefixScores:
 
         ``last``: each hypothesis' last token (hypotheses,); ``prefix_length``: tokens in each
         prefix, not counting the start symbol."""
-        n_frames, n_hyps = self.n_frames, self.r.size(2)
-        vocab = self.posteriors.vocab
-        # A token emitted first at frame t >= start follows the prefix's paths up to t - 1, one
-        # repeating the last token only those that end in blank; at t = 0 only the empty prefix
-        # has a path (log 1). psi reads frames ``first``, ... (one at least).
-        start = min(max(prefix_length, 1), n_frames)
-        first = 0 if prefix_length == 0 else min(start, n_frames - 1)
-        r = self._frames_from(max(first - 1, 0))
-        r_sum = torch.logaddexp(r[:, 0], r[:, 1])
-        if first == 0:
-            phi = torch.cat((r_sum.new_full((1, n_hyps), 0.0), r_sum[:-1]))
-            repeat_phi = torch.cat((phi[:1], r[:-1, 1]))
-        else:
-            phi, repeat_phi = r_sum[:-1].clone(), r[:-1, 1].clone()
-        phi[max(1 - first, 0):start - first] = float("-inf")
-        repeat_phi[max(1 - first, 0):start - first] = float("-inf")
-        columns = (torch.arange(vocab, device=phi.device).expand(n_hyps, vocab)
+        n_hyps, vocab = self.r.size(2), self.posteriors.vocab
+        columns = (torch.arange(vocab, device=self.r.device).expand(n_hyps, vocab)
                    if candidates is None else candidates)
-        psi = self._psi(phi, repeat_phi, last, columns, first)
-        scores = torch.full((n_hyps, vocab), LOG_ZERO, dtype=torch.float64, device=phi.device)
-        scores.scatter_(1, columns, psi.clamp(min=LOG_ZERO))
+        scores = torch.full((n_hyps, vocab), LOG_ZERO, dtype=torch.float64,
+                            device=self.r.device)
+        # A token emitted first at frame t follows the prefix's paths up to t - 1, one repeating
+        # the last token only those that end in blank; at t = 0 only the empty prefix has a path
+        # (log 1). A prefix of n tokens ends at frame n - 1 at the earliest.
+        empty = prefix_length == 0
+        first = 0 if empty else max(prefix_length, self.first + 1)
+        end = min(self.end + 1, self.posteriors.n_frames)
+        if first < end:
+            r = self.r[max(first - 1, 0) - self.first:end - 1 - self.first]
+            phi, repeat_phi = torch.logaddexp(r[:, 0], r[:, 1]), r[:, 1]
+            if empty:
+                start = r.new_zeros(1, n_hyps)
+                phi, repeat_phi = torch.cat((start, phi)), torch.cat((start, repeat_phi))
+            psi = self._psi(phi, repeat_phi, last, columns, first)
+            scores.scatter_(1, columns, psi.clamp(min=LOG_ZERO))
         # End of sentence: every path of the prefix to the utterance's last frame (none where
-        # that frame is before the prefix's first).
+        # that frame is outside the window).
         last_frame = self.posteriors.lengths.repeat_interleave(self.beam) - 1
-        r_end = self.r[(last_frame - self.first).clamp(min=0), :, torch.arange(n_hyps)]
-        scores[:, self.eos] = torch.where(last_frame >= self.first,
-                                          torch.logaddexp(r_end[:, 0], r_end[:, 1]), LOG_ZERO)
+        r_end = self.r[(last_frame - self.first).clamp(0, self.r.size(0) - 1), :,
+                       torch.arange(n_hyps)]
+        r_end = torch.logaddexp(r_end[:, 0], r_end[:, 1])
+        held = (last_frame >= self.first) & (last_frame < self.end) & (r_end > LOG_ZERO / 2)
+        scores[:, self.eos] = torch.where(held, r_end, LOG_ZERO)
         if self.eos != self.blank:
             scores[:, self.blank] = LOG_ZERO
         self._pending = (scores, last, prefix_length)
@@ -262,7 +290,8 @@ class CTCPrefixScores:
         by the prefix's paths times its most likely token's posterior (relative to the largest
         weight)."""
         n_frames, n_hyps = phi.shape
-        weight = phi + self.posteriors.frame_max.T[first:].repeat_interleave(self.beam, 1)
+        end = first + n_frames
+        weight = phi + self.posteriors.frame_max.T[first:end].repeat_interleave(self.beam, 1)
         top = weight.amax(0).clamp(min=LOG_ZERO)
         sums = self.posteriors.weighted_sums(
             (weight - top).exp().view(n_frames, -1, self.beam),
@@ -270,10 +299,11 @@ class CTCPrefixScores:
         psi = sums.view(n_hyps, -1).log() + top[:, None]
         repeats = tokens == last[:, None]
         if repeats.any():
-            emit_last = self._hypothesis_columns(last[:, None], first)[..., 0]
+            emit_last = self._hypothesis_columns(last[:, None], first, end)[..., 0]
             psi_last = torch.logsumexp(repeat_phi + emit_last, 0)
             psi = torch.where(repeats, psi_last[:, None], psi)
-        return psi
+        # A prefix without a path (LOG_ZERO throughout) makes none, in any window.
+        return torch.where(top[:, None] > LOG_ZERO / 2, psi, LOG_ZERO)
 
     def select(self, rows: torch.Tensor, tokens: torch.Tensor,
                utterances: Optional[torch.Tensor] = None) -> None:
@@ -293,21 +323,43 @@ class CTCPrefixScores:
         self._extend(last[rows], tokens, prefix_length)
 
     def _extend(self, last, tokens, prefix_length) -> None:
-        """Extend the prefixes by ``tokens``: their forward variables from the first frame they
-        can have a path on."""
-        n_frames = self.n_frames
-        start = min(max(prefix_length, 1), n_frames)
-        r = self._frames_from(start - 1)
-        emit = self._hypothesis_columns(tokens[:, None], start - 1)[..., 0]  # (frames, hyps)
-        emit_blank = self._blank_columns(start)
-        phi = torch.where((tokens == last)[None], r[:, 1], torch.logaddexp(r[:, 0], r[:, 1]))
-        new = torch.full_like(r, LOG_ZERO)
+        """Extend the prefixes by ``tokens``: their forward variables on the frames of the
+        shorter prefixes' paths, then on as long as they hold paths, then the window of them."""
+        n_frames, n_hyps = self.posteriors.n_frames, self.r.size(2)
+        base = max(min(max(prefix_length, 1), n_frames) - 1, self.first)
+        new = self.r.new_full((1, 2, n_hyps), LOG_ZERO)  # frame ``base``
         if prefix_length == 0:
-            new[0, 0] = emit[0]
-        initial = new[0]
-        new[1:, 0] = _log_cumulative_recursion(initial[0], phi[:-1], emit[1:])
-        new[1:, 1] = _log_cumulative_recursion(initial[1], new[:-1, 0], emit_blank)
-        self.r, self.first = new, start - 1
+            new[0, 0] = self._hypothesis_columns(tokens[:, None], 0, 1)[0, :, 0]
+        r = self.r[base - self.first:]
+        inflow = torch.where((tokens == last)[None], r[:, 1], torch.logaddexp(r[:, 0], r[:, 1]))
+        pieces, stop = [new], max(min(self.end + 1, n_frames), base + 1)
+        if stop > base + 1:
+            pieces.append(self._paths(new[0], inflow[:stop - base - 1], tokens, base + 1, stop))
+        top = torch.logaddexp(*torch.cat(pieces).unbind(1)).amax(0)
+        lengths, grow = self.posteriors.lengths.repeat_interleave(self.beam), 8
+        while stop < n_frames:  # past the shorter prefixes' paths: while the new ones go on
+            tail = torch.logaddexp(pieces[-1][-1, 0], pieces[-1][-1, 1])
+            going_on = (tail > top - WINDOW_MARGIN) & (tail > LOG_ZERO / 2) & (stop < lengths)
+            if not going_on.any():
+                break
+            end = min(stop + grow, n_frames)
+            no_inflow = inflow.new_full((end - stop, n_hyps), LOG_ZERO)
+            pieces.append(self._paths(pieces[-1][-1], no_inflow, tokens, stop, end))
+            top = torch.maximum(top, torch.logaddexp(*pieces[-1].unbind(1)).amax(0))
+            stop, grow = end, 2 * grow
+        self.r, self.first = self._window(torch.cat(pieces), base)
+
+    def _paths(self, initial: torch.Tensor, inflow: torch.Tensor, tokens: torch.Tensor,
+               first: int, end: int) -> torch.Tensor:
+        """Forward variables (frames ``first`` to ``end`` - 1, 2, hypotheses) of the prefixes
+        ending in ``tokens``, from theirs at frame ``first`` - 1 (``initial``, (2, hypotheses))
+        and the shorter prefixes' paths ``inflow`` at frames ``first`` - 1 to ``end`` - 2."""
+        emit = self._hypothesis_columns(tokens[:, None], first, end)[..., 0]
+        on_token = _log_cumulative_recursion(initial[0], inflow, emit)
+        on_blank = _log_cumulative_recursion(
+            initial[1], torch.cat((initial[0][None], on_token[:-1])),
+            self._blank_columns(first, end))
+        return torch.stack((on_token, on_blank), 1)
 
     def tensors(self) -> List[torch.Tensor]:
         """What the scorer holds between steps (for memory accounting)."""

@@ -44,10 +44,14 @@ def study_questions(models: list[Model]) -> list[Question]:
     scratch = [m for m in models if m.origin == "scratch"]
 
     def pairs(a: dict, b: dict, same_size: bool) -> list[tuple[Model, Model]]:
-        # Always at one frame rate (input layer); with same_size, at one size too.
+        # Always at one frame rate (input layer); with same_size, at one size too. Where models
+        # with seeds answer the question, only they do: a model without one (the recipe's main
+        # job beside the study's seeds of its config) would be paired with every seed.
         alike = (lambda m: m.arch.shape) if same_size else (lambda m: m.arch.input_layer)
-        return [(x, y) for x in scratch if _matches(x, **a) for y in scratch
-                if y is not x and _matches(y, **b) and alike(x) == alike(y)]
+        found = [(x, y) for x in scratch if _matches(x, **a) for y in scratch
+                 if y is not x and _matches(y, **b) and alike(x) == alike(y)]
+        seeded = [(x, y) for x, y in found if None not in (x.seed, y.seed)]
+        return seeded or found
 
     with_attention = [m.arch.encoder for m in models if m.arch.attention != NO_ATTENTION]
     encoders = ordered(["conformer", "branchformer", *with_attention], ENCODER_ORDER)
