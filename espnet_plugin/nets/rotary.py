@@ -41,15 +41,29 @@ class RotaryEmbedding(nn.Module):
         return 2 * self.pairs.to(dtype) / self.freq_dim
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        # Angles in float64 for float64 inputs (exact references), float32 otherwise (half
-        # precision positions lose whole radians past a few thousand frames).
-        angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        exponent = self.exponents(angle_dtype, x.device)
-        positions = torch.arange(start, start + x.size(-2), dtype=angle_dtype, device=x.device)
-        angles = positions[:, None] * self.base**-exponent  # (time, dim / 2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self._cos_sin(start + x.size(-2), x.dtype, x.device)
+        cos, sin = cos[start:start + x.size(-2)], sin[start:start + x.size(-2)]
         first, second = x.chunk(2, dim=-1)
         return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+    def _cos_sin(self, positions: int, dtype: torch.dtype, device):
+        """cos and sin of every pair's angle at positions 0, 1, ... (at least ``positions``),
+        (positions, dim / 2) in ``dtype``: computed once and grown by doubling, as a decoding
+        step asks for one position at a time (the same values as computed afresh)."""
+        pairs = None if self.freq_dim is None else (self.pairs.data_ptr(), self.pairs._version)
+        key = (dtype, device, pairs)
+        held = getattr(self, "_tables", None)
+        if held is not None and held[0] == key and held[1].size(0) >= positions:
+            return held[1], held[2]
+        size = max(positions, 2 * held[1].size(0) if held is not None and held[0] == key else 64)
+        # Angles in float64 for float64 inputs (exact references), float32 otherwise (half
+        # precision positions lose whole radians past a few thousand frames).
+        angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        exponent = self.exponents(angle_dtype, device)
+        angles = (torch.arange(size, dtype=angle_dtype, device=device)[:, None]
+                  * self.base**-exponent)  # (positions, dim / 2)
+        self._tables = (key, angles.cos().to(dtype), angles.sin().to(dtype))
+        return self._tables[1], self._tables[2]
 
     def extra_repr(self) -> str:
         pairs = "" if self.freq_dim is None else f", pairs of freq_dim={self.freq_dim}"
