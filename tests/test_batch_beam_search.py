@@ -227,3 +227,19 @@ def test_a_confident_ctc_is_scored_on_a_window_of_frames_with_espnets_nbest():
     assert max(held[5:]) < min(lengths) // 3
     for b in range(len(lengths)):
         assert_same_nbest(batched[b], expected[b])
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_a_decoder_trains_after_a_search_under_inference_mode(variant):
+    """The search runs under ``torch.inference_mode``; what the decoder keeps from it (rotary
+    tables, MLA's folded projections) must still serve a training step and an evaluation with
+    gradients afterwards."""
+    decoder, ctc, lm, xs = models(variant, seed=6)
+    ours(decoder, ctc, lm, 1)(xs, torch.tensor(LENGTHS), maxlenratio=0.3)
+    tokens = torch.randint(1, VOCAB - 1, (2, 5))
+    for training in (True, False):
+        decoder.train(training)
+        out = decoder(xs[:2], torch.tensor(LENGTHS[:2]), tokens, torch.tensor([5, 4]))[0]
+        out.sum().backward()
+        assert all(p.grad is not None for p in decoder.parameters() if p.requires_grad)
+        decoder.zero_grad()

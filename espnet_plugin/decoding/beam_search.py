@@ -79,7 +79,7 @@ class BatchedBeamSearch:
         self.token_list = token_list
         self.full_names = (["decoder"] if decoder is not None else []) + list(scorers)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, xs: torch.Tensor, lengths: torch.Tensor, maxlenratio: float = 0.0,
                  minlenratio: float = 0.0,
                  ctc_input: Optional[Tuple[torch.Tensor, torch.Tensor]] = None

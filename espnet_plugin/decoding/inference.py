@@ -168,7 +168,7 @@ class BatchDecoder:
         ctc_enc = ctc_input(model, enc, enc_lens)[0] if model.ctc is not None else enc
         return enc[0], ctc_enc[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, keys: List[str]) -> Iterator[Tuple[str, list]]:
         """(key, results) of each utterance of ``keys``."""
         outputs = {key: self.encode(key) for key in keys}

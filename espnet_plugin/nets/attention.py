@@ -541,20 +541,22 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         cached = getattr(self, "_absorbed_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        heads, width = self.n_heads, self.nope_dim + self.rope_dim
-        w_uk, w_uv = self.kv_up.weight.view(heads, self.nope_dim + self.head_dim, -1).split(
-            [self.nope_dim, self.head_dim], dim=1)
-        w_q = projection.weight.view(heads, width, -1)
-        query = torch.cat((w_uk.mT @ w_q[:, :self.nope_dim], w_q[:, self.nope_dim:]), 1)
-        query_bias = None
-        if projection.bias is not None:
-            b_q = projection.bias.view(heads, width, 1)
-            query_bias = torch.cat((w_uk.mT @ b_q[:, :self.nope_dim], b_q[:, self.nope_dim:]), 1)
-            query_bias = query_bias.reshape(-1)
-        w_out = self.linear_out.weight.view(-1, heads, self.head_dim)
-        out = torch.einsum("dhv,hvl->dhl", w_out, w_uv).reshape(w_out.size(0), -1)
-        folded = {"query": (query.reshape(-1, query.size(-1)), query_bias),
-                  "out": (out, self.linear_out.bias)}
+        with torch.inference_mode(False):  # kept beyond decoding: not inference tensors
+            heads, width = self.n_heads, self.nope_dim + self.rope_dim
+            w_uk, w_uv = self.kv_up.weight.view(heads, self.nope_dim + self.head_dim, -1).split(
+                [self.nope_dim, self.head_dim], dim=1)
+            w_q = projection.weight.view(heads, width, -1)
+            query = torch.cat((w_uk.mT @ w_q[:, :self.nope_dim], w_q[:, self.nope_dim:]), 1)
+            query_bias = None
+            if projection.bias is not None:
+                b_q = projection.bias.view(heads, width, 1)
+                query_bias = torch.cat((w_uk.mT @ b_q[:, :self.nope_dim],
+                                        b_q[:, self.nope_dim:]), 1)
+                query_bias = query_bias.reshape(-1)
+            w_out = self.linear_out.weight.view(-1, heads, self.head_dim)
+            out = torch.einsum("dhv,hvl->dhl", w_out, w_uv).reshape(w_out.size(0), -1)
+            folded = {"query": (query.reshape(-1, query.size(-1)), query_bias),
+                      "out": (out, self.linear_out.bias)}
         if not torch.is_grad_enabled():
             self._absorbed_cache = (key, folded)
         return folded

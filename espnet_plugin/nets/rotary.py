@@ -59,10 +59,11 @@ class RotaryEmbedding(nn.Module):
         # Angles in float64 for float64 inputs (exact references), float32 otherwise (half
         # precision positions lose whole radians past a few thousand frames).
         angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        exponent = self.exponents(angle_dtype, device)
-        angles = (torch.arange(size, dtype=angle_dtype, device=device)[:, None]
-                  * self.base**-exponent)  # (positions, dim / 2)
-        self._tables = (key, angles.cos().to(dtype), angles.sin().to(dtype))
+        with torch.inference_mode(False):  # kept for training too, if made while decoding
+            exponent = self.exponents(angle_dtype, device)
+            angles = (torch.arange(size, dtype=angle_dtype, device=device)[:, None]
+                      * self.base**-exponent)  # (positions, dim / 2)
+            self._tables = (key, angles.cos().to(dtype), angles.sin().to(dtype))
         return self._tables[1], self._tables[2]
 
     def extra_repr(self) -> str:
