@@ -654,6 +654,10 @@ def test_comparisons_are_pooled_over_seeds(tmp_path):
                 for c in results(tmp_path / "out")["comparisons"]
                 if c["question"] == "conformer: mha -> mla"}
     assert per_seed == {("asr_mha_seed0", "asr_mla_seed0"), ("asr_mha_seed1", "asr_mla_seed1")}
+    # A cache is measured against the MHA of its own seed.
+    siblings = {name: row["mha_sibling"] for name, row in rows_by_system(tmp_path / "out").items()}
+    assert siblings[f"asr_mla_seed1/{DECODE}"] == f"asr_mha_seed1/{DECODE}"
+    assert siblings[f"asr_mla_seed0/{DECODE}"] == f"asr_mha_seed0/{DECODE}"
 
 
 def test_the_seed_share_column_shows_results_json(tmp_path):

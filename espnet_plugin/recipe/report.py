@@ -99,15 +99,17 @@ def is_mha_reference(model: Model) -> bool:
 
 
 def mha_sibling(system: System, systems: list[System]) -> System | None:
-    """The current decode, with the same options, of the MHA model of the same encoder and size."""
+    """The current decode, with the same options, of the MHA model of the same encoder and size
+    (of the same seed where there is one: a cache's size follows the hypotheses' lengths)."""
     arch = system.model.arch
     candidates = [
         s for s in systems
         if is_mha_reference(s.model) and not s.stale and s.decoding == system.decoding
         and s.model.arch.encoder == arch.encoder and s.model.arch.size == arch.size
     ]
-    # Itself where it is one; else the closest: same chunking, MHA decoder.
-    candidates.sort(key=lambda s: (s is not system, s.model.arch.chunking != arch.chunking,
+    # Itself where it is one; else the closest: same seed, same chunking, MHA decoder.
+    candidates.sort(key=lambda s: (s is not system, s.model.seed != system.model.seed,
+                                   s.model.arch.chunking != arch.chunking,
                                    s.model.arch.decoder_attention != "mha", s.model.name))
     return candidates[0] if candidates else None
 
