@@ -53,6 +53,12 @@ def _log_cumulative_recursion(initial: torch.Tensor, inflow: torch.Tensor,
     return cumulative + torch.logaddexp(torch.logcumsumexp(inflow - before, 0), initial)
 
 
+def _all_paths(r: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """log of a prefix's paths ending in its last token plus those ending in blank, the two
+    kinds of forward variable along ``dim``."""
+    return torch.logaddexp(*r.unbind(dim))
+
+
 class FramePosteriors(ABC):
     """CTC's log-posteriors log p_t(c) of a padded batch of utterances, read by column in float64:
     ``columns(tokens, first, end)`` with ``tokens`` (utterances, m) gives frames ``first`` to
@@ -206,6 +212,11 @@ class CTCPrefixScores:
     def end(self) -> int:
         return self.first + self.r.size(0)
 
+    @property
+    def _hypothesis_lengths(self) -> torch.Tensor:
+        """Frames of each hypothesis' utterance (hypotheses,)."""
+        return self.posteriors.lengths.repeat_interleave(self.beam)
+
     def _window(self, r: torch.Tensor, first: int):
         """``r`` (its first frame ``first``) on the frames where some hypothesis' paths are
         within ``WINDOW_MARGIN`` of its most likely frame, and the first of those frames.
@@ -214,9 +225,9 @@ class CTCPrefixScores:
         elsewhere, and a value below LOG_ZERO / 2 (a prefix without a path) is LOG_ZERO: what
         an utterance's hypotheses hold is the same alone as in any batch."""
         n_frames, n_hyps = r.size(0), r.size(2)
-        total = torch.logaddexp(r[:, 0], r[:, 1])  # (frames, hypotheses)
+        total = _all_paths(r)  # (frames, hypotheses)
         frames = torch.arange(n_frames, device=r.device)
-        lengths = self.posteriors.lengths.repeat_interleave(self.beam) - first
+        lengths = self._hypothesis_lengths - first
         total = total.masked_fill(frames[:, None] >= lengths[None], LOG_ZERO)
         paths = (total > total.amax(0) - WINDOW_MARGIN) & (total > LOG_ZERO / 2)
         paths = paths.view(n_frames, -1, self.beam).any(2)  # (frames, utterances)
@@ -265,7 +276,7 @@ class CTCPrefixScores:
         end = min(self.end + 1, self.posteriors.n_frames)
         if first < end:
             r = self.r[max(first - 1, 0) - self.first:end - 1 - self.first]
-            phi, repeat_phi = torch.logaddexp(r[:, 0], r[:, 1]), r[:, 1]
+            phi, repeat_phi = _all_paths(r), r[:, 1]
             if empty:
                 start = r.new_zeros(1, n_hyps)
                 phi, repeat_phi = torch.cat((start, phi)), torch.cat((start, repeat_phi))
@@ -273,10 +284,10 @@ class CTCPrefixScores:
             scores.scatter_(1, columns, psi.clamp(min=LOG_ZERO))
         # End of sentence: every path of the prefix to the utterance's last frame (none where
         # that frame is outside the window).
-        last_frame = self.posteriors.lengths.repeat_interleave(self.beam) - 1
+        last_frame = self._hypothesis_lengths - 1
         r_end = self.r[(last_frame - self.first).clamp(0, self.r.size(0) - 1), :,
                        torch.arange(n_hyps)]
-        r_end = torch.logaddexp(r_end[:, 0], r_end[:, 1])
+        r_end = _all_paths(r_end)
         held = (last_frame >= self.first) & (last_frame < self.end) & (r_end > LOG_ZERO / 2)
         scores[:, self.eos] = torch.where(held, r_end, LOG_ZERO)
         if self.eos != self.blank:
@@ -331,21 +342,21 @@ class CTCPrefixScores:
         if prefix_length == 0:
             new[0, 0] = self._hypothesis_columns(tokens[:, None], 0, 1)[0, :, 0]
         r = self.r[base - self.first:]
-        inflow = torch.where((tokens == last)[None], r[:, 1], torch.logaddexp(r[:, 0], r[:, 1]))
+        inflow = torch.where((tokens == last)[None], r[:, 1], _all_paths(r))
         pieces, stop = [new], max(min(self.end + 1, n_frames), base + 1)
         if stop > base + 1:
             pieces.append(self._paths(new[0], inflow[:stop - base - 1], tokens, base + 1, stop))
-        top = torch.logaddexp(*torch.cat(pieces).unbind(1)).amax(0)
-        lengths, grow = self.posteriors.lengths.repeat_interleave(self.beam), 8
+        top = _all_paths(torch.cat(pieces)).amax(0)
+        lengths, grow = self._hypothesis_lengths, 8
         while stop < n_frames:  # past the shorter prefixes' paths: while the new ones go on
-            tail = torch.logaddexp(pieces[-1][-1, 0], pieces[-1][-1, 1])
+            tail = _all_paths(pieces[-1][-1], dim=0)
             going_on = (tail > top - WINDOW_MARGIN) & (tail > LOG_ZERO / 2) & (stop < lengths)
             if not going_on.any():
                 break
             end = min(stop + grow, n_frames)
             no_inflow = inflow.new_full((end - stop, n_hyps), LOG_ZERO)
             pieces.append(self._paths(pieces[-1][-1], no_inflow, tokens, stop, end))
-            top = torch.maximum(top, torch.logaddexp(*pieces[-1].unbind(1)).amax(0))
+            top = torch.maximum(top, _all_paths(pieces[-1]).amax(0))
             stop, grow = end, 2 * grow
         self.r, self.first = self._window(torch.cat(pieces), base)
 

@@ -52,10 +52,11 @@ class RotaryEmbedding(nn.Module):
         step asks for one position at a time (the same values as computed afresh)."""
         pairs = None if self.freq_dim is None else (self.pairs.data_ptr(), self.pairs._version)
         key = (dtype, device, pairs)
-        held = getattr(self, "_tables", None)
-        if held is not None and held[0] == key and held[1].size(0) >= positions:
+        held = getattr(self, "_tables", (None,))
+        held_positions = held[1].size(0) if held[0] == key else 0
+        if held_positions >= positions:
             return held[1], held[2]
-        size = max(positions, 2 * held[1].size(0) if held is not None and held[0] == key else 64)
+        size = max(positions, 2 * held_positions, 64)
         # Angles in float64 for float64 inputs (exact references), float32 otherwise (half
         # precision positions lose whole radians past a few thousand frames).
         angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
