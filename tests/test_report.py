@@ -660,6 +660,41 @@ def test_comparisons_are_pooled_over_seeds(tmp_path):
     assert siblings[f"asr_mla_seed0/{DECODE}"] == f"asr_mha_seed0/{DECODE}"
 
 
+def test_a_conversion_with_seeds_is_compared_seed_by_seed_and_pooled(tmp_path):
+    """Each seed of a converted model against the same seed of its two references, and one
+    pooled row per question over the seeds: the seeds are one model, not three questions."""
+    study = Study(tmp_path)
+    for seed in (0, 1):
+        seeded = {"asr_args": f"--seed {seed}"}
+        study.model(f"asr_mha_seed{seed}", conformer("mha"), seeded)
+        study.model(f"asr_mla_seed{seed}", conformer("mla"), seeded)
+        study.model(f"asr_mha_ft_seed{seed}", conformer("mha"),
+                    {"finetune_from": f"exp/asr_mha_seed{seed}", "convert_args": "", **seeded})
+        study.model(f"asr_mha2mla_seed{seed}", conformer("mla"),
+                    {"finetune_from": f"exp/asr_mha_seed{seed}", "convert_args": "--target mla",
+                     **seeded},
+                    conversion={"target": "mla", "source": {
+                        "config": f"exp/asr_mha_seed{seed}/config.yaml", "model": "x.pth"}})
+        for name, quality in (("asr_mha", "poor"), ("asr_mla", "poor"), ("asr_mha_ft", "poor"),
+                              ("asr_mha2mla", "perfect")):
+            study.decode(f"{name}_seed{seed}", "test_clean", quality)
+    main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out"),
+          "--bootstrap_samples", "100"])
+    what = "asr_mha2mla (conformer mla (from mha))"
+    found = {}
+    for c in results(tmp_path / "out")["comparisons"]:
+        if c["question"].startswith(what):
+            found.setdefault(c["question"][len(what) + 2:], []).append(c)
+    for question, reference in (("trained from scratch -> converted", "asr_mla"),
+                                ("fine-tuned without conversion -> converted", "asr_mha_ft")):
+        assert {(c["a"].split("/")[0], c["b"].split("/")[0]) for c in found[question]} == {
+            (f"{reference}_seed{k}", f"asr_mha2mla_seed{k}") for k in (0, 1)}
+        (pooled,) = found[f"{question} (pooled over seeds)"]
+        assert pooled["a"] == f"{reference}/{DECODE}" and pooled["b"] == f"asr_mha2mla/{DECODE}"
+        assert (pooled["seeds_a"], pooled["seeds_b"]) == (2, 2)
+        assert pooled["difference"] == pytest.approx(-25)  # 25 % WER against 0 on every seed
+
+
 def test_the_seed_share_column_shows_results_json(tmp_path):
     study = Study(tmp_path)
     for seed, (mha, mla) in enumerate((("poor", "perfect"), ("mixed", "poor"))):
@@ -731,14 +766,14 @@ def test_chunking_is_compared_at_the_same_frame_rate_and_a_conversion_with_its_o
     study.model("asr_control", conmamba(input_layer="linear"))
     study.model("asr_other_rate", conmamba(input_layer="conv2d"))
     study.model("asr_dc", conmamba(input_layer="linear", dynamic_chunking=design))
-    study.model("asr_dc_r06", conmamba(input_layer="linear",
+    study.model("asr_chunked_r06", conmamba(input_layer="linear",
                                        dynamic_chunking={**design, "target_ratio": 0.6}))
     study.model("asr_dc_inserted", conmamba(input_layer="linear", dynamic_chunking=design),
                 {"finetune_from": "exp/asr_control",
                  "convert_args": "--target dynamic_chunking --after_block 2"},
                 conversion={"target": "dynamic_chunking", "source": {
                     "config": "exp/asr_control/config.yaml", "model": "x.pth"}})
-    for name in ("asr_conformer", "asr_control", "asr_other_rate", "asr_dc", "asr_dc_r06",
+    for name in ("asr_conformer", "asr_control", "asr_other_rate", "asr_dc", "asr_chunked_r06",
                  "asr_dc_inserted"):
         study.decode(name, "test_clean", "mixed")
     main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out")])
@@ -747,6 +782,13 @@ def test_chunking_is_compared_at_the_same_frame_rate_and_a_conversion_with_its_o
     assert answered == {
         ("conformer mha -> conmamba", "asr_conformer", "asr_other_rate"),
         ("conmamba -> conmamba with dynamic chunking", "asr_control", "asr_dc"),
-        ("conmamba -> conmamba with dynamic chunking", "asr_control", "asr_dc_r06"),
+        ("conmamba -> conmamba with dynamic chunking", "asr_control", "asr_chunked_r06"),
         ("trained from scratch -> converted", "asr_dc", "asr_dc_inserted"),
     }
+    assert "asr_dc_inserted (conmamba dynamic chunking inserted): trained from scratch -> " \
+        "converted" in {c["question"] for c in results(tmp_path / "out")["comparisons"]}
+    # Its closest reference model is the one with its own router, not another design (whose
+    # name sorts first).
+    rows = rows_by_system(tmp_path / "out")
+    assert rows[f"asr_dc_inserted/{DECODE}"]["mha_sibling"] == f"asr_dc/{DECODE}"
+    assert rows[f"asr_chunked_r06/{DECODE}"]["mha_sibling"] == f"asr_chunked_r06/{DECODE}"

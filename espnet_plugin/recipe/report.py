@@ -107,9 +107,12 @@ def mha_sibling(system: System, systems: list[System]) -> System | None:
         if is_mha_reference(s.model) and not s.stale and s.decoding == system.decoding
         and s.model.arch.encoder == arch.encoder and s.model.arch.size == arch.size
     ]
-    # Itself where it is one; else the closest: same seed, same chunking, MHA decoder.
+    # Itself where it is one; else the closest: same seed, same chunking (its design, then any
+    # router), same frame rate, MHA decoder.
     candidates.sort(key=lambda s: (s is not system, s.model.seed != system.model.seed,
+                                   s.model.arch.chunking_design != arch.chunking_design,
                                    s.model.arch.chunking != arch.chunking,
+                                   s.model.arch.input_layer != arch.input_layer,
                                    s.model.arch.decoder_attention != "mha", s.model.name))
     return candidates[0] if candidates else None
 

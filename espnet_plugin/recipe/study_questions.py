@@ -44,14 +44,10 @@ def study_questions(models: list[Model]) -> list[Question]:
     scratch = [m for m in models if m.origin == "scratch"]
 
     def pairs(a: dict, b: dict, same_size: bool) -> list[tuple[Model, Model]]:
-        # Always at one frame rate (input layer); with same_size, at one size too. Where models
-        # with seeds answer the question, only they do: a model without one (the recipe's main
-        # job beside the study's seeds of its config) would be paired with every seed.
+        # Always at one frame rate (input layer); with same_size, at one size too.
         alike = (lambda m: m.arch.shape) if same_size else (lambda m: m.arch.input_layer)
-        found = [(x, y) for x in scratch if _matches(x, **a) for y in scratch
-                 if y is not x and _matches(y, **b) and alike(x) == alike(y)]
-        seeded = [(x, y) for x, y in found if None not in (x.seed, y.seed)]
-        return seeded or found
+        return _seeded_first([(x, y) for x in scratch if _matches(x, **a) for y in scratch
+                              if y is not x and _matches(y, **b) and alike(x) == alike(y)])
 
     with_attention = [m.arch.encoder for m in models if m.arch.attention != NO_ATTENTION]
     encoders = ordered(["conformer", "branchformer", *with_attention], ENCODER_ORDER)
@@ -75,17 +71,32 @@ def study_questions(models: list[Model]) -> list[Question]:
     questions.append(Question("conmamba -> conmamba with dynamic chunking", pairs(
         dict(encoder="conmamba", chunking=False), dict(encoder="conmamba", chunking=True),
         same_size=True)))
-    for converted in (m for m in models if m.origin == "converted"):
-        arch = converted.arch
-        same_target = [m for m in scratch if m.arch == arch]
-        controls = [m for m in models if m.origin == "finetuned"
-                    and m.finetune_from == converted.finetune_from]
-        what = f"{converted.name} ({arch.encoder} {converted.attention_label})"
-        questions.append(Question(f"{what}: trained from scratch -> converted",
-                                  [(m, converted) for m in same_target]))
-        questions.append(Question(f"{what}: fine-tuned without conversion -> converted",
-                                  [(m, converted) for m in controls]))
+    converted_groups: dict[str, list[Model]] = {}
+    for model in models:
+        if model.origin == "converted":
+            converted_groups.setdefault(model.group, []).append(model)
+    for group, seeds in converted_groups.items():  # one question for all seeds: they pool
+        what = f"{group} ({seeds[0].arch.encoder} {_conversion_label(seeds[0])})"
+        questions.append(Question(f"{what}: trained from scratch -> converted", _seeded_first(
+            [(m, c) for c in seeds for m in scratch if m.arch == c.arch])))
+        questions.append(Question(f"{what}: fine-tuned without conversion -> converted", [
+            (m, c) for c in seeds for m in models
+            if m.origin == "finetuned" and m.finetune_from == c.finetune_from]))
     return questions
+
+
+def _seeded_first(pairs: list[tuple[Model, Model]]) -> list[tuple[Model, Model]]:
+    """Where models with seeds answer a question, only they do: a model without one (the recipe's
+    main job beside the study's seeds of its config) would be paired with every seed."""
+    seeded = [(x, y) for x, y in pairs if None not in (x.seed, y.seed)]
+    return seeded or pairs
+
+
+def _conversion_label(model: Model) -> str:
+    """What the conversion changed: the attention ("mla (from mha)"), or a router inserted."""
+    if model.arch.chunking and model.source is not None and not model.source.chunking:
+        return "dynamic chunking inserted"
+    return model.attention_label
 
 
 @dataclass
