@@ -773,8 +773,11 @@ def test_chunking_is_compared_at_the_same_frame_rate_and_a_conversion_with_its_o
                  "convert_args": "--target dynamic_chunking --after_block 2"},
                 conversion={"target": "dynamic_chunking", "source": {
                     "config": "exp/asr_control/config.yaml", "model": "x.pth"}})
+    # Fine-tuned without a router at the conv2d rate: its reference is the conv2d model.
+    study.model("asr_other_rate_ft", conmamba(input_layer="conv2d"),
+                {"finetune_from": "exp/asr_other_rate", "convert_args": ""})
     for name in ("asr_conformer", "asr_control", "asr_other_rate", "asr_dc", "asr_chunked_r06",
-                 "asr_dc_inserted"):
+                 "asr_dc_inserted", "asr_other_rate_ft"):
         study.decode(name, "test_clean", "mixed")
     main(["--exp_dir", str(study.exp), "--out_dir", str(tmp_path / "out")])
     answered = {(c["question"].split(": ")[-1], c["a"].split("/")[0], c["b"].split("/")[0])
@@ -792,3 +795,4 @@ def test_chunking_is_compared_at_the_same_frame_rate_and_a_conversion_with_its_o
     rows = rows_by_system(tmp_path / "out")
     assert rows[f"asr_dc_inserted/{DECODE}"]["mha_sibling"] == f"asr_dc/{DECODE}"
     assert rows[f"asr_chunked_r06/{DECODE}"]["mha_sibling"] == f"asr_chunked_r06/{DECODE}"
+    assert rows[f"asr_other_rate_ft/{DECODE}"]["mha_sibling"] == f"asr_other_rate/{DECODE}"

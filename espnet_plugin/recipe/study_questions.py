@@ -8,8 +8,8 @@ options, on the same utterances.
     per attention:   conformer -> branchformer
     once:            conformer mha -> conmamba; conmamba -> conmamba with dynamic chunking
     per converted:   the same architecture (dynamic chunking's design included) trained from
-                     scratch -> the converted model;
-                     its source fine-tuned without conversion -> the converted model
+    (its seeds one   scratch -> the converted model;
+    question)        its source fine-tuned without conversion -> the converted model
 
 A is the reference of each question, B the alternative: differences are B - A, in WER points.
 """
